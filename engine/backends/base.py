@@ -1,0 +1,95 @@
+"""The two backend interfaces of DESIGN.md and the registry that picks an implementation by name.
+
+Heavy libraries (torch, transformers, vllm) are imported inside the implementations, never here, so that
+`import engine` works without them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """One chat completion: messages in OpenAI form (role/content strings), an optional image, sampling."""
+
+    messages: list[dict[str, str]]
+    image: Image.Image | None = None  # attached to the last user message when the backend takes images
+    max_tokens: int = 256
+    temperature: float = 0.0
+    json_schema: dict[str, Any] | None = None  # constrain / validate the output as this JSON schema
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class ChatResult:
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | ...
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # per-request failure; the stage turns it into the sample's error
+
+
+class ChatBackend(Protocol):
+    """Generates text for a batch of requests, results 1:1 and in order."""
+
+    model_id: str
+
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]: ...
+
+
+@dataclass(slots=True)
+class Detection:
+    """One box from the teacher: pixel xyxy in the image given, score, and the prompt text it matched."""
+
+    xyxy: tuple[float, float, float, float]
+    score: float
+    label: str  # the matched text span as the model reports it (a phrase of the prompt)
+    prompt_index: int = 0  # which of the prompts of this image produced it
+
+
+class GroundingBackend(Protocol):
+    """Open-vocabulary detection: per image, a list of prompts (one forward each, merged) -> boxes."""
+
+    model_id: str
+    max_text_tokens: int
+
+    def detect(self, images: list[Image.Image], prompts: list[list[str]]) -> list[list[Detection]]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+
+@dataclass(slots=True)
+class BackendSpec:
+    """What a stage hands a backend factory: the model reference and backend options."""
+
+    model: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# name -> "module:Class"; implementations are imported only when chosen.
+CHAT_BACKENDS: dict[str, str] = {
+    "transformers": "engine.backends.transformers_chat:TransformersChat",
+}
+GROUNDING_BACKENDS: dict[str, str] = {
+    "transformers": "engine.backends.transformers_grounding:TransformersGrounding",
+}
+
+
+def _load(table: dict[str, str], kind: str, name: str) -> type:
+    if name not in table:
+        raise ValueError(f"unknown {kind} backend {name!r}; known: {', '.join(sorted(table))}")
+    module, _, cls = table[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_chat_backend(name: str, spec: BackendSpec) -> ChatBackend:
+    return _load(CHAT_BACKENDS, "chat", name)(spec)
+
+
+def make_grounding_backend(name: str, spec: BackendSpec) -> GroundingBackend:
+    return _load(GROUNDING_BACKENDS, "grounding", name)(spec)

@@ -1,0 +1,198 @@
+"""Pipeline configuration: pydantic models for the YAML, `--set a.b=c` overrides, errors that name the field.
+
+A model reference is a hub id (`IDEA-Research/grounding-dino-tiny`), a local directory, or `tiny:NAME`
+for a random-weight model that granucap builds itself (see engine/models/tiny.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A pipeline file or override is invalid; the message names the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(_Strict):
+    """How a stage is mapped onto Ray Data."""
+
+    batch_size: int = Field(8, ge=1)
+    concurrency: int = Field(1, ge=1)  # actors (model stages) or max parallel tasks (CPU stages)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class DecodeSpec(_Strict):
+    max_pixels: int = Field(89_478_485, ge=1)  # PIL's own bomb limit; larger images are rejected
+    max_side: int = Field(1333, ge=16)  # longer side is resized down to this
+    min_side: int = Field(8, ge=1)  # smaller images are rejected
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    max_caption_chars: int = Field(4000, ge=1)  # longer captions are cut to this
+    resources: Resources = Resources(batch_size=32)
+
+
+class RecaptionSpec(_Strict):
+    backend: Literal["transformers", "passthrough"] = "transformers"
+    model: str | None = None
+    prompt: str = "recaption"  # file name (without .txt) in prompts/
+    max_tokens: int = Field(160, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    image_max_side: int = Field(768, ge=16)  # image is resized to this before it goes to the VLM
+    dtype: str = "auto"
+    device: str = "auto"
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> "RecaptionSpec":
+        if self.backend != "passthrough" and not self.model:
+            raise ValueError(f"recaption backend {self.backend!r} needs a model")
+        return self
+
+
+class ExtractSpec(_Strict):
+    backend: Literal["transformers", "nltk"] = "transformers"
+    model: str | None = None
+    factual_prompt: str | None = "factual"  # None: skip the factual filter
+    entities_prompt: str = "entities"
+    max_tokens: int = Field(384, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    max_entities: int = Field(32, ge=1)
+    max_phrase_chars: int = Field(80, ge=1)
+    fallback: Literal["nltk"] | None = None  # when the LLM output is not valid, extract with this instead
+    dtype: str = "auto"
+    device: str = "auto"
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> "ExtractSpec":
+        if self.backend != "nltk" and not self.model:
+            raise ValueError(f"extract backend {self.backend!r} needs a model")
+        return self
+
+
+class GroundSpec(_Strict):
+    backend: Literal["transformers"] = "transformers"
+    model: str
+    box_threshold: float = Field(0.35, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    max_prompt_tokens: int | None = Field(None, ge=8)  # default: the text encoder's own limit
+    dtype: str = "auto"
+    device: str = "auto"
+    resources: Resources = Resources()
+
+
+class FilterSpec(_Strict):
+    min_score: float = Field(0.0, ge=0, le=1)
+    nms_iou: float | None = Field(0.5, gt=0, le=1)  # per entity, across its phrase/category matches
+    class_agnostic_nms_iou: float | None = Field(None, gt=0, le=1)
+    max_boxes: int = Field(100, ge=1)
+    min_area: float = Field(0.0, ge=0)  # pixels
+    min_boxes: int = Field(1, ge=0)  # fewer boxes: the sample is rejected
+    min_entities: int = Field(1, ge=0)  # fewer entities: the sample is rejected
+    resources: Resources = Resources(batch_size=64)
+
+
+class WriteSpec(_Strict):
+    shard_size: int = Field(1000, ge=1)  # samples per work unit and output shard
+
+
+class StagesSpec(_Strict):
+    decode: DecodeSpec = DecodeSpec()
+    recaption: RecaptionSpec = RecaptionSpec(backend="passthrough")
+    extract: ExtractSpec = ExtractSpec(backend="nltk")
+    ground: GroundSpec
+    filter: FilterSpec = FilterSpec()
+
+
+class RaySpec(_Strict):
+    address: str | None = None  # None: start Ray embedded on this machine
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_mb: int | None = Field(None, ge=64)
+
+
+class PipelineConfig(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    cache_dir: str | None = None  # where tiny models are built; default ~/.cache/granucap
+    stages: StagesSpec
+    write: WriteSpec = WriteSpec()
+    ray: RaySpec = RaySpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid pipeline config ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"  {loc}: {e['msg']} (got {shown[:120]})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML so numbers/bools/null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like a.b=value")
+    path, _, raw = text.partition("=")
+    keys = [k for k in path.strip().split(".")]
+    if not path.strip() or any(not k for k in keys):
+        raise ConfigError(f"override {text!r}: empty key in {path!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"pipeline file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return config_from_dict(data, overrides or [], origin=str(path))
+
+
+def config_from_dict(
+    data: dict[str, Any], overrides: list[str] | None = None, *, origin: str = "<dict>"
+) -> PipelineConfig:
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
