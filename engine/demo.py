@@ -1,0 +1,81 @@
+"""A small raw dump to try granucap on without any download: img2dataset-style webdataset tars of drawn
+scenes (coloured shapes on textured backgrounds) with web-like captions, one broken image included.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 170),
+    "orange": (240, 140, 30),
+}
+SHAPES = ("square", "circle", "triangle")
+NOISE = ("Best price!! free shipping", "photo by user123", "#art #design", "stock image, all rights reserved")
+
+
+def draw_scene(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """An image with 1-3 shapes; returns it with the (colour, shape) of each."""
+    w, h = size
+    base = tuple(rng.randint(90, 200) for _ in range(3))
+    image = Image.effect_noise((w, h), rng.randint(20, 60)).convert("RGB")
+    image = Image.blend(image, Image.new("RGB", (w, h), base), 0.6).filter(ImageFilter.GaussianBlur(1))
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for _ in range(rng.randint(1, 3)):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        s = rng.randint(min(w, h) // 6, min(w, h) // 3)
+        x, y = rng.randint(0, w - s), rng.randint(0, h - s)
+        if shape == "square":
+            draw.rectangle([x, y, x + s, y + s], fill=COLOURS[colour])
+        elif shape == "circle":
+            draw.ellipse([x, y, x + s, y + s], fill=COLOURS[colour])
+        else:
+            draw.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=COLOURS[colour])
+        objects.append((colour, shape))
+    return image, objects
+
+
+def caption_for(rng: random.Random, objects: list[tuple[str, str]]) -> str:
+    parts = [f"a {c} {s}" for c, s in objects]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{text.capitalize()} on a textured background. {rng.choice(NOISE)}"
+
+
+def write_demo_input(dest: str | Path, *, samples: int = 24, per_tar: int = 12, seed: int = 0) -> list[Path]:
+    """Write `samples` pairs as tars of `per_tar` into `dest`; the third sample's image is broken on purpose."""
+    rng = random.Random(seed)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for start in range(0, samples, per_tar):
+        path = dest / f"{start // per_tar:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(start, min(start + per_tar, samples)):
+                key = f"{i:09d}"
+                image, objects = draw_scene(rng, (rng.randint(200, 400), rng.randint(200, 400)))
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG", quality=90)
+                data = buf.getvalue() if i != 2 else buf.getvalue()[:200]  # truncated JPEG: a rejected row
+                caption = caption_for(rng, objects)
+                meta = {"caption": caption, "url": f"https://example.com/{key}.jpg", "key": key}
+                for name, payload in (
+                    (f"{key}.jpg", data),
+                    (f"{key}.txt", caption.encode()),
+                    (f"{key}.json", json.dumps(meta).encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        paths.append(path)
+    return paths

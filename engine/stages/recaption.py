@@ -1,0 +1,84 @@
+"""Recaption: a vision-language model turns the noisy web caption into a detailed description (DetCLIPv3).
+
+`passthrough` keeps the raw caption (the GLIP path). Empty outputs become per-sample rejections.
+"""
+
+from __future__ import annotations
+
+import json
+
+from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, make_chat_backend
+from engine.config import RecaptionSpec
+from engine.models.loading import is_dummy
+from engine.prompts import load_prompt
+from engine.records import Record
+from engine.stages.base import Stage
+from engine.stages.decode import open_rgb
+
+
+def model_label(ref: str) -> str:
+    return ref + (" (dummy weights)" if is_dummy(ref) else "")
+
+
+class Recaption(Stage):
+    name = "recaption"
+    requires = ("image", "raw_caption")
+    provides = ("caption",)
+
+    def __init__(self, spec: RecaptionSpec, *, cache_dir: str | None = None) -> None:
+        super().__init__(spec)
+        self.cache_dir = cache_dir
+        self.prompt = load_prompt(spec.prompt) if spec.backend != "passthrough" else None
+        self.system = load_prompt("system") if spec.backend != "passthrough" else None
+        self.backend: ChatBackend | None = None
+        self._params = json.dumps(
+            {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "image_max_side": spec.image_max_side},
+            sort_keys=True,
+        )
+
+    def setup(self) -> None:
+        spec: RecaptionSpec = self.spec
+        if spec.backend == "passthrough":
+            return
+        options = {"dtype": spec.dtype, "device": spec.device, "cache_dir": self.cache_dir}
+        self.backend = make_chat_backend(spec.backend, BackendSpec(model=spec.model, options=options))
+
+    def process(self, records: list[Record]) -> None:
+        spec: RecaptionSpec = self.spec
+        if spec.backend == "passthrough":
+            for record in records:
+                record.caption = record.raw_caption
+                record.stamp(self.name, "passthrough")
+            return
+        assert self.backend is not None and self.prompt is not None and self.system is not None
+        requests = []
+        for record in records:
+            image = open_rgb(record.image)
+            image.thumbnail((spec.image_max_side, spec.image_max_side))
+            requests.append(
+                ChatRequest(
+                    messages=[
+                        {"role": "system", "content": self.system.template},
+                        {"role": "user", "content": self.prompt.render(caption=record.raw_caption or "")},
+                    ],
+                    image=image,
+                    max_tokens=spec.max_tokens,
+                    temperature=spec.temperature,
+                )
+            )
+        results = self.backend.generate(requests)
+        for record, result in zip(records, results, strict=True):
+            record.stamp(
+                self.name,
+                spec.backend,
+                model=model_label(spec.model or ""),
+                prompt_id=self.prompt.id,
+                prompt_sha256=self.prompt.sha256,
+                params=self._params,
+            )
+            if result.error:
+                record.fail(self.name, "backend_error", result.error)
+            elif not result.text.strip():
+                record.reject(self.name, "empty_output", "the model returned an empty description")
+            else:
+                record.caption = result.text.strip()

@@ -1,0 +1,183 @@
+"""Write: GranuCap shards. One work unit becomes one shard, written only once all its samples arrived.
+
+    OUT/shards/{n:06d}.tar          webdataset: KEY.jpg + KEY.json (the record without image bytes), ok only
+    OUT/index/{n:06d}.parquet       every sample of the unit, rejected and failed ones too
+    OUT/shards/{n:06d}.stats.json   counts of the unit; written last, so it marks the shard complete
+
+Every file goes to a temporary name, is fsynced and renamed. A rerun deletes leftover temporaries and skips
+units whose stats file exists, so a crash at any point loses only unfinished units, which are redone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from engine.records import Record, to_table
+
+log = logging.getLogger(__name__)
+
+TMP_MARK = ".tmp-"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def shard_name(unit: int) -> str:
+    return f"{unit:06d}"
+
+
+def tar_key(key: str) -> str:
+    """A webdataset-safe member stem: webdataset splits names at the first dot, so dots and slashes go."""
+    return _UNSAFE.sub("_", key) or "_"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def sample_json(record: Record) -> dict[str, Any]:
+    """What goes into KEY.json: the whole record but the image bytes."""
+    row = record.to_dict()
+    row.pop("image")
+    return row
+
+
+@dataclass(slots=True)
+class UnitStats:
+    unit: int
+    read: int = 0
+    ok: int = 0
+    rejected: int = 0
+    failed: int = 0
+    boxes: int = 0
+    entities: int = 0
+    reasons: Counter = field(default_factory=Counter)  # "stage/kind" -> count, for rejected and failed
+
+    def add(self, record: Record) -> None:
+        self.read += 1
+        setattr(self, record.status, getattr(self, record.status) + 1)
+        if record.ok:
+            self.boxes += len(record.boxes)
+            self.entities += len(record.entities)
+        elif record.error:
+            self.reasons[f"{record.error['stage']}/{record.error['kind']}"] += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "read": self.read,
+            "ok": self.ok,
+            "rejected": self.rejected,
+            "failed": self.failed,
+            "boxes": self.boxes,
+            "entities": self.entities,
+            "reasons": dict(sorted(self.reasons.items())),
+        }
+
+
+class ShardWriter:
+    """Collects records per unit and writes a unit's shard, index part and stats once it is complete."""
+
+    name = "write"
+
+    def __init__(self, output: str | Path, *, expected: dict[int, int]) -> None:
+        self.output = Path(output)
+        self.shards = self.output / "shards"
+        self.index = self.output / "index"
+        self.expected = dict(expected)  # unit -> number of samples it must receive
+        self.pending: dict[int, list[Record]] = {}
+        self.written: list[UnitStats] = []
+        self.shards.mkdir(parents=True, exist_ok=True)
+        self.index.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, records: list[Record]) -> list[UnitStats]:
+        """Add records; returns the stats of the units this call completed (and wrote)."""
+        done = []
+        for record in records:
+            if record.unit not in self.expected:
+                raise ValueError(f"record {record.key!r} belongs to unit {record.unit}, which is not planned")
+            bucket = self.pending.setdefault(record.unit, [])
+            bucket.append(record)
+            if len(bucket) == self.expected[record.unit]:
+                done.append(self.write_unit(record.unit, self.pending.pop(record.unit)))
+        return done
+
+    def incomplete(self) -> dict[int, int]:
+        """Units that received some but not all of their samples: unit -> samples received."""
+        return {unit: len(rows) for unit, rows in self.pending.items()}
+
+    def write_unit(self, unit: int, records: list[Record]) -> UnitStats:
+        records = sorted(records, key=lambda r: r.position)
+        positions = [r.position for r in records]
+        if positions != list(range(len(records))):
+            raise ValueError(f"unit {unit}: positions are not 0..{len(records) - 1} once each: {positions[:10]}...")
+        name = shard_name(unit)
+        stats = UnitStats(unit=unit)
+        buffer = io.BytesIO()
+        seen: set[str] = set()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for record in records:
+                stats.add(record)
+                if not record.ok:
+                    continue
+                stem = tar_key(record.key)
+                if stem in seen:  # two keys that sanitise alike: keep both, the position tells them apart
+                    stem = f"{stem}_{record.position}"
+                seen.add(stem)
+                for ext, data in (
+                    ("jpg", record.image or b""),
+                    ("json", json.dumps(sample_json(record), ensure_ascii=False).encode("utf-8")),
+                ):
+                    info = tarfile.TarInfo(f"{stem}.{ext}")
+                    info.size = len(data)
+                    info.mtime = 0  # reproducible bytes: same records, same tar
+                    info.mode = 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        atomic_write_bytes(self.shards / f"{name}.tar", buffer.getvalue())
+        sink = io.BytesIO()
+        pq.write_table(to_table(records, with_image=False), sink, compression="zstd")
+        atomic_write_bytes(self.index / f"{name}.parquet", sink.getvalue())
+        payload = stats.to_json() | {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_bytes(self.shards / f"{name}.stats.json", json.dumps(payload, indent=1).encode())
+        log.info("wrote shard %s: %d ok, %d rejected, %d failed", name, stats.ok, stats.rejected, stats.failed)
+        self.written.append(stats)
+        return stats
+
+
+def clean_temporaries(output: str | Path) -> int:
+    """Delete partial files a killed run left behind; returns how many."""
+    removed = 0
+    for folder in (Path(output) / "shards", Path(output) / "index", Path(output)):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if TMP_MARK in path.name and path.is_file():
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
+def completed_units(output: str | Path) -> dict[int, dict[str, Any]]:
+    """Units whose stats marker exists (their shard and index part are complete): unit -> stats."""
+    done = {}
+    shards = Path(output) / "shards"
+    if shards.is_dir():
+        for path in sorted(shards.glob("*.stats.json")):
+            stats = json.loads(path.read_text())
+            done[int(stats["unit"])] = stats
+    return done
