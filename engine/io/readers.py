@@ -29,7 +29,7 @@ extracted to disk, nor a whole file read into memory. Rules:
   * Corrupt input: when the tar stream breaks (ReadError, truncated data, bad gzip), the sample in progress and
     every remaining planned position are yielded as rejected rows ("read", "corrupt_input"), so counts still
     add up. A tar that cannot be read at all at planning time is planned as one unit of one sample, which
-    then reads as one "corrupt_input" row: broken inputs stay visible in the index. Tarfile ends silently on
+    then reads as one "corrupt_input" row (same for a file that is not parquet): broken inputs stay visible. Tarfile ends silently on
     a bad header mid-file; planning and reading see the same samples then.
   * Parquet: columns `image` (binary, or struct{bytes, path} as HF datasets write it) or `path`; `caption` or
     `text`; optional `key`. Other non-binary columns go to `meta`. Read with `iter_batches` from the row group
@@ -209,7 +209,7 @@ def _iter_tar_groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.Ta
 
 
 def count_tar(path: str) -> int:
-    """Number of samples in a tar, reading member headers only; -1 when it cannot be opened at all."""
+    """Number of samples in a tar, reading member headers only; -1 when it cannot be read at all."""
     n = 0
     try:
         with _open_tar(path) as tf:
@@ -378,10 +378,16 @@ def _fill_corrupt(unit: Unit, position: int, stem: str, message: str, pending: s
 
 
 def count_parquet(path: str) -> int:
-    """Rows of a parquet file from its footer."""
+    """Rows of a parquet file from its footer; -1 when it is not a readable parquet file."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    import pyarrow as pa
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("%s: not a readable parquet file (%s)", path, exc)
+        return -1
 
 
 def _resolve_local(base_dir: str, rel: str) -> tuple[str | None, str | None]:
@@ -425,11 +431,15 @@ def _read_parquet(unit: Unit) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(unit.path)
+    stem = _source_stem(unit.path)
+    try:
+        pf = pq.ParquetFile(unit.path)
+    except (OSError, pa.ArrowException) as exc:
+        yield from _fill_corrupt(unit, 0, stem, f"{type(exc).__name__}: {exc}", None)
+        return
     schema = pf.schema_arrow
     names = schema.names
     base_dir = os.path.dirname(unit.path) or "."
-    stem = _source_stem(unit.path)
     caption_col = "caption" if "caption" in names else ("text" if "text" in names else None)
     if "image" not in names and "path" not in names:
         log.warning("%s: no `image` or `path` column; every row is missing its image", unit.path)
@@ -608,7 +618,7 @@ def _dump_meta(meta: dict[str, Any]) -> str | None:
 
 
 def count_samples(kind: str, path: str) -> int:
-    """Samples in one input file, counted without reading image data (-1: unreadable tar)."""
+    """Samples in one input file, counted without reading image data (-1: unreadable file)."""
     if kind == "webdataset":
         return count_tar(path)
     if kind == "parquet":
@@ -625,7 +635,7 @@ def plan_units(inputs: list[str], *, shard_size: int) -> list[Unit]:
     units: list[Unit] = []
     for kind, path in expand_inputs(inputs):
         n = count_samples(kind, path)
-        if n < 0:  # unreadable tar: one placeholder sample that reads as a corrupt_input row
+        if n < 0:  # unreadable file: one placeholder sample that reads as a corrupt_input row
             n = 1
         if n == 0:
             log.info("%s: no samples", path)

@@ -1,0 +1,27 @@
+"""Shared fixtures: one cache of tiny models per test session, offline hub, small demo inputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    """A cache dir shared by every test that builds tiny models (each is built once per session)."""
+    path = tmp_path_factory.mktemp("granucap-cache")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_input(tmp_path_factory):
+    from engine.demo import write_demo_input
+
+    dest = tmp_path_factory.mktemp("demo-in")
+    write_demo_input(dest, samples=12, per_tar=6, seed=0)
+    return dest

@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = {"name": "t", "stages": {"ground": {"model": "tiny:grounding-dino"}}}
+
+
+@pytest.mark.parametrize("name", ["granucap", "glip", "smoke"])
+def test_shipped_pipelines_validate(name):
+    config = load_config(ROOT / "pipelines" / f"{name}.yaml")
+    assert config.name == name
+    assert config.stages.ground.model
+
+
+def test_defaults_are_the_offline_glip_path():
+    config = config_from_dict(dict(MINIMAL))
+    assert config.stages.recaption.backend == "passthrough"
+    assert config.stages.extract.backend == "nltk"
+    assert config.write.shard_size == 1000
+
+
+def test_override_parses_yaml_values_and_creates_sections():
+    config = config_from_dict(
+        {"name": "t", "stages": {"ground": {"model": "m"}}},
+        ["stages.ground.box_threshold=0.5", "write.shard_size=7", "stages.filter.nms_iou=null", "ray.num_cpus=3"],
+    )
+    assert config.stages.ground.box_threshold == 0.5
+    assert config.write.shard_size == 7
+    assert config.stages.filter.nms_iou is None
+    assert config.ray.num_cpus == 3
+
+
+def test_error_names_field_and_value():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(dict(MINIMAL), ["stages.ground.box_threshold=1.5"])
+    assert "stages.ground.box_threshold" in str(err.value)
+    assert "1.5" in str(err.value)
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(dict(MINIMAL), ["stages.ground.box_treshold=0.3"])
+    assert "box_treshold" in str(err.value)
+
+
+def test_model_backend_without_model_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(dict(MINIMAL), ["stages.extract.backend=transformers"])
+    assert "needs a model" in str(err.value)
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(dict(MINIMAL), ["stages.recaption.backend=gpt5"])
+    assert "stages.recaption.backend" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1", "a.b=[unclosed"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError):
+        parse_override(bad)
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides({"name": "x"}, ["name.sub=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
