@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import sys
 import tempfile
 from pathlib import Path

@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 64  # rows per block coming out of the read tasks
 STAGE_ORDER = ("decode", "recaption", "extract", "ground", "filter")
 MODEL_STAGES = ("recaption", "extract", "ground")
-ENV_PASSTHROUGH = ("GRANUCAP_", "HF_", "TRANSFORMERS_", "NLTK_DATA", "OMP_NUM_THREADS")
+ENV_PASSTHROUGH = ("GRANUCAP_", "HF_", "TRANSFORMERS_", "NLTK_DATA", "OMP_NUM_THREADS", "TOKENIZERS_")
+# Model loading progress bars from every worker drown the run's own progress view.
+QUIET_WORKERS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 
 
 class RunError(RuntimeError):
@@ -132,6 +135,8 @@ def _ray_init(config: PipelineConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PASSTHROUGH)}
+    for key, value in QUIET_WORKERS.items():
+        env.setdefault(key, value)
     address = address or config.ray.address
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if address:
@@ -160,20 +165,23 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
         res: Resources = spec.resources
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
         if uses_model(name, config):
-            ds = ds.map_batches(
-                _StageActor,
-                fn_constructor_kwargs={"name": name, "config_json": config_json},
-                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
-                num_gpus=res.num_gpus or None,
-                max_restarts=3,
-                max_task_retries=3,
-                **common,
-            )
+            with warnings.catch_warnings():
+                # Ray 2.60 has no named parameter for actor restarts yet; the defaults (-1) retry forever.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+                ds = ds.map_batches(
+                    _StageActor,
+                    fn_constructor_kwargs={"name": name, "config_json": config_json},
+                    compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+                    num_gpus=res.num_gpus or None,
+                    max_restarts=3,
+                    max_task_retries=3,
+                    **common,
+                )
         else:
             ds = ds.map_batches(
                 _run_stage_task,
                 fn_kwargs={"name": name, "config_json": config_json},
-                concurrency=res.concurrency,
+                compute=ray.data.TaskPoolStrategy(size=res.concurrency),
                 **common,
             )
     return ds

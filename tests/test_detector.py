@@ -164,11 +164,15 @@ def test_training_reduces_loss_and_saves(tmp_path, tiny_gdino):
     run = tmp_path / "run"
     write_run(run, shard_sizes=(4,), extra_incomplete=False)
     out = tmp_path / "student"
-    result = train(shards=run, out=out, model=tiny_gdino, steps=40, batch_size=2, lr=1e-3, seed=0)
-    assert result["steps"] == 40
+    result = train(shards=run, out=out, model=tiny_gdino, steps=80, batch_size=2, lr=1e-3, seed=0)
+    assert result["steps"] == 80
+    # seeds 0-5 give 0.07-0.10: most of the drop is the focal loss leaving its random-init start
     assert result["mean_loss_last_10"] < 0.5 * result["mean_loss_first_10"], result
-    lines = (out / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == list(range(1, 41))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 81))
+    # learning past that first collapse too: steps 71-80 vs 11-20 give 0.19-0.33 over seeds 0-5
+    later = [entry["loss"] for entry in log]
+    assert sum(later[-10:]) < 0.6 * sum(later[10:20]), later
     assert (out / "model.safetensors").is_file()
 
     trained = AutoModelForZeroShotObjectDetection.from_pretrained(out)

@@ -194,18 +194,18 @@ def test_corrupt_tar_keeps_counts(tmp_path: Path) -> None:
     good = tmp_path / "good.tar"
     _write_tar(good, 6)
     data = good.read_bytes()
-    # cut inside the data of sample 3's image: tarfile fails on that member's header check, so sample 2 is
-    # the sample in progress (it may be incomplete as far as the reader can tell) and becomes corrupt_input.
+    # cut inside the data of sample 3's image: its header was read, so it is planned, and reads as the
+    # sample in progress when the stream breaks -> corrupt_input; the complete samples before it are ok.
     with tarfile.open(good) as tf:
         member = next(m for m in tf.getmembers() if m.name == "s00003.jpg")
     broken = tmp_path / "broken.tar"
     broken.write_bytes(data[: member.offset_data + 10])
     plan = plan_units([str(broken)], shard_size=2)
-    assert sum(u.stop - u.start for u in plan) == 3
+    assert sum(u.stop - u.start for u in plan) == 4
     records = _read_all(plan)
-    assert [r.ok for r in records] == [True, True, False]
-    assert records[2].error["kind"] == "corrupt_input" and records[2].key == "s00002"
-    assert records[2].error["stage"] == "read" and "unexpected end of data" in records[2].error["message"]
+    assert [r.ok for r in records] == [True, True, True, False]
+    assert records[3].error["kind"] == "corrupt_input" and records[3].key == "s00003"
+    assert records[3].error["stage"] == "read" and "unexpected end of data" in records[3].error["message"]
     # gzip-compressed and truncated: same rule, no exception escapes
     gz = tmp_path / "gz.tar.gz"
     _write_tar(gz, 6, mode="w:gz")
@@ -265,7 +265,9 @@ def test_parquet_bytes_struct_and_paths(tmp_path: Path) -> None:
     outside = tmp_path.parent / "outside.jpg"
     outside.write_bytes(images[2])
     pq.write_table(
-        pa.table({"path": ["img/1.jpg", "img/nope.jpg", "../outside.jpg", str(outside)], "caption": list("wxyz")}),
+        pa.table(
+            {"path": ["img/1.jpg", "img/nope.jpg", "../outside.jpg", str(outside)], "caption": list("wxyz")}
+        ),
         tmp_path / "paths.parquet",
     )
     records = _read_all(plan_units([str(tmp_path / "paths.parquet")], shard_size=8))

@@ -31,7 +31,7 @@ class TransformersChat:
     """`ChatBackend` over `AutoModelForCausalLM` or `AutoModelForImageTextToText` (chosen from the config)."""
 
     def __init__(self, spec: BackendSpec) -> None:
-        import torch  # noqa: F401 - fail early when torch is missing
+        import torch
         from transformers import AutoConfig
 
         if not spec.model:
@@ -40,6 +40,8 @@ class TransformersChat:
         self.model_id = spec.model
         self.batch_size = int(opts.get("batch_size", 8))
         self.device = pick_device(opts.get("device", "auto"))
+        if opts.get("num_threads"):  # CPU: match the CPUs Ray gave this actor; oversubscription is ~100x slower
+            torch.set_num_threads(int(opts["num_threads"]))
         self.dtype = pick_dtype(opts.get("dtype", "auto"), self.device)
         self.path = resolve_model(spec.model, opts.get("cache_dir"))
         config = AutoConfig.from_pretrained(self.path)

@@ -34,7 +34,7 @@ class TransformersGrounding:
     """`GroundingBackend` over `AutoModelForZeroShotObjectDetection` + `AutoProcessor`."""
 
     def __init__(self, spec: BackendSpec) -> None:
-        import torch  # noqa: F401
+        import torch
         from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
 
         if not spec.model:
@@ -45,6 +45,8 @@ class TransformersGrounding:
         self.text_threshold = float(opts.get("text_threshold", 0.25))
         self.batch_size = int(opts.get("batch_size", 8))
         self.device = pick_device(opts.get("device", "auto"))
+        if opts.get("num_threads"):  # CPU: match the CPUs Ray gave this actor; oversubscription is ~100x slower
+            torch.set_num_threads(int(opts["num_threads"]))
         self.dtype = pick_dtype(opts.get("dtype", "auto"), self.device)
         self.path = resolve_model(spec.model, opts.get("cache_dir"))
         config = AutoConfig.from_pretrained(self.path)

@@ -5,7 +5,8 @@ Inputs (`expand_inputs`): each input is a file, a directory or a glob.
     holding `captions.jsonl` -> "folder" (the path is the jsonl file).
   * Any other directory is searched recursively (os.walk, symlinked directories not followed) for those files;
     a directory that holds `captions.jsonl` is a folder input and is not searched further.
-  * Pairs are deduplicated and sorted by path. Nothing found -> ValueError.
+  * A glob skips matched files of unknown kind; a file named explicitly must be of a known kind.
+  * Pairs are deduplicated and sorted by path. Nothing found (or a missing path) -> ValueError.
 
 Units (`plan_units`): every file's samples are counted cheaply (tar: member headers only, parquet: footer
 metadata, jsonl: non-empty lines) and cut into runs of at most `shard_size` samples. Unit `index` is global
@@ -13,32 +14,37 @@ metadata, jsonl: non-empty lines) and cut into runs of at most `shard_size` samp
 
 Reading (`read_unit`) yields exactly `stop - start` records, positions 0..n-1, in order. Nothing is ever
 extracted to disk, nor a whole file read into memory. Rules:
-  * Tar grouping (webdataset/img2dataset): consecutive members with the same key form one sample; the key is the
-    member path up to the first dot of its basename (`a/b/000123.jpg` -> `a/b/000123`). Directories, members
-    whose basename has no dot or starts with a dot are not samples (webdataset skips them too).
+  * Tar grouping (webdataset/img2dataset): consecutive members with the same key form one sample; the key
+    is the member path up to the first dot of its basename (`a/b/000123.jpg` -> `a/b/000123`). Directories
+    and members whose basename has no dot or starts with a dot are not samples (webdataset skips them too).
+    A key that comes back later, not next to its first run, is a second sample (webdataset does the same).
   * Image member: first of jpg/jpeg/png/webp/gif/bmp/tif/tiff (case-insensitive). Caption: `KEY.txt` wins over
     the `caption` field of `KEY.json`; the other json fields go to `meta` (a differing json caption is kept
     as `meta.json_caption`). Non-UTF-8 caption bytes are decoded with errors="replace" and
-    `meta.caption_invalid_utf8 = true`.
+    `meta.caption_invalid_utf8 = true`. A member over MAX_MEMBER_BYTES -> "member_too_large" row.
   * Unsafe members (symlinks, hard links, devices, fifos): the whole sample becomes a rejected row
     ("read", "unsafe_member"), image None; the member's data is never read.
   * Keys are sanitised: backslashes become "/", leading slashes and "." / ".." / empty parts are dropped
     (`../evil` -> `evil`, `/abs/x` -> `abs/x`); a key that sanitises to "" falls back to the derived key.
-    The original name is kept in `meta.original_key` when it changed.
-  * Derived key (no key in the source): f"{stem-of-source}-{row:08d}", row = sample index in the file.
-  * Corrupt input: when the tar stream breaks (ReadError, truncated data, bad gzip), the sample in progress and
-    every remaining planned position are yielded as rejected rows ("read", "corrupt_input"), so counts still
-    add up. A tar that cannot be read at all at planning time is planned as one unit of one sample, which
-    then reads as one "corrupt_input" row (same for a file that is not parquet): broken inputs stay visible. Tarfile ends silently on
-    a bad header mid-file; planning and reading see the same samples then.
+    The original name is kept in `meta.original_key` when it changed. Keys may contain "/".
+  * Derived key (no key in the source): f"{stem-of-source}-{row:08d}", row = sample index in the file; the
+    stem of a folder input is its directory name.
+  * Corrupt input: a tar sample is planned from its first member header. When the stream breaks (ReadError,
+    truncated data, bad gzip), the sample in progress (possibly incomplete) and every remaining planned
+    position are yielded as rejected rows ("read", "corrupt_input"), so counts still add up. A file that
+    cannot be read at all at planning time (not a tar / not a parquet) is planned as one unit of one sample,
+    which reads as one "corrupt_input" row: broken inputs stay visible in the index. tarfile ends silently
+    on a bad header mid-file; planning and reading then see the same samples. Member data is read right
+    after its header, never seeking back, so a .tar.gz is decompressed once.
   * Parquet: columns `image` (binary, or struct{bytes, path} as HF datasets write it) or `path`; `caption` or
     `text`; optional `key`. Other non-binary columns go to `meta`. Read with `iter_batches` from the row group
     holding `start` on.
-  * Folder: `captions.jsonl` lines `{"file": ..., "caption": ...}` (optional "key"); the key is the file's path
-    relative to the jsonl directory without its suffix (= the file stem for a flat folder). Invalid JSON lines
-    are rejected rows ("read", "bad_input").
-  * Paths from parquet/jsonl are resolved relative to that file's directory and must stay inside it (absolute
-    paths and `..` escapes are rejected: "unsafe_path"); a missing or unreadable file -> "missing_image".
+  * Folder: `captions.jsonl` lines `{"file": ..., "caption": ...}` (optional "key"); the key is the file's
+    path relative to the jsonl directory without its suffix (= the file stem for a flat folder). Invalid
+    JSON lines are rejected rows ("read", "bad_input").
+  * Paths from parquet/jsonl are resolved (symlinks too) relative to that file's directory and must stay
+    inside it (absolute paths, `..` escapes, links pointing out -> "unsafe_path"); a missing or unreadable
+    file -> "missing_image".
   * A sample without image -> rejected row ("read", "missing_image").
 """
 
@@ -150,8 +156,8 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
                 pairs.setdefault(path, kind)
     if not pairs:
         raise ValueError(
-            f"no input found in {list(inputs)!r}: expected webdataset tars (.tar/.tar.gz/.tgz), parquet files, "
-            f"or a folder with {FOLDER_JSONL}"
+            f"no input found in {list(inputs)!r}: expected webdataset tars (.tar/.tar.gz/.tgz), "
+            f"parquet files, or a folder with {FOLDER_JSONL}"
         )
     return [(kind, path) for path, kind in sorted(pairs.items())]
 
@@ -189,32 +195,17 @@ def _iter_members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _iter_tar_groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
-    """(raw key, members) for each run of consecutive members sharing a key."""
-    key: str | None = None
-    group: list[tarfile.TarInfo] = []
-    for member in _iter_members(tf):
-        if member.isdir():
-            continue
-        split = _split_name(member.name)
-        if split is None:
-            continue
-        if split[0] != key:
-            if group:
-                yield key, group  # type: ignore[misc]
-            key, group = split[0], []
-        group.append(member)
-    if group:
-        yield key, group  # type: ignore[misc]
-
-
 def count_tar(path: str) -> int:
     """Number of samples in a tar, reading member headers only; -1 when it cannot be read at all."""
     n = 0
+    key: str | None = None
     try:
         with _open_tar(path) as tf:
-            for _ in _iter_tar_groups(tf):
-                n += 1
+            for member in _iter_members(tf):
+                split = None if member.isdir() else _split_name(member.name)
+                if split is not None and split[0] != key:
+                    key = split[0]
+                    n += 1  # counted at its first header: a sample cut by corruption still gets a row
     except _TAR_ERRORS as exc:
         log.warning("%s: tar breaks after %d samples (%s); planning what was readable", path, n, exc)
         return n if n else -1
@@ -266,7 +257,8 @@ def _tar_record(unit: Unit, position: int, stem: str, group: _Group) -> Record:
     too_big = [m for m in group.members if m.size > MAX_MEMBER_BYTES]
     if too_big:
         record.meta = _dump_meta(meta)
-        record.reject("read", "member_too_large", f"{too_big[0].name}: {too_big[0].size} bytes > {MAX_MEMBER_BYTES}")
+        big = too_big[0]
+        record.reject("read", "member_too_large", f"{big.name}: {big.size} bytes > {MAX_MEMBER_BYTES}")
         return record
     data = group.data
     image_ext = next((e for e in IMAGE_EXTS if e in data), None)
@@ -363,7 +355,9 @@ def _read_tar(unit: Unit) -> Iterator[Record]:
         yield from _fill_corrupt(unit, position, stem, message, None)
 
 
-def _fill_corrupt(unit: Unit, position: int, stem: str, message: str, pending: str | None) -> Iterator[Record]:
+def _fill_corrupt(
+    unit: Unit, position: int, stem: str, message: str, pending: str | None
+) -> Iterator[Record]:
     """Rejected rows for the positions a broken input could not deliver (keeps counts = plan)."""
     for pos in range(position, unit.size):
         key = _derived_key(stem, unit.start + pos)
@@ -473,7 +467,9 @@ def _read_parquet(unit: Unit) -> Iterator[Record]:
                         continue
                     if row + i >= unit.stop:
                         break
-                    yield _parquet_record(unit, position, stem, base_dir, values, caption_col, extras, row + i)
+                    yield _parquet_record(
+                        unit, position, stem, base_dir, values, caption_col, extras, row + i
+                    )
                     position += 1
                 row += batch.num_rows
                 if row >= unit.stop:

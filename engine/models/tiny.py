@@ -139,6 +139,7 @@ def _save(model: Any, directory: Path, *parts: Any) -> None:
 
 def build_grounding_dino(directory: Path) -> None:
     """Grounding DINO: Swin backbone, 1-layer BERT, d_model 32, 20 queries, small processor images."""
+    import torch
     from transformers import (
         BertConfig,
         GroundingDinoConfig,
@@ -164,6 +165,10 @@ def build_grounding_dino(directory: Path) -> None:
         num_feature_levels=4, max_text_len=256,
     )
     model = GroundingDinoForObjectDetection(config)
+    # Random logits saturate at score 1.0; damping the decoder output spreads scores over ~0.4-0.96 so
+    # thresholds select something in tests (only this LayerNorm's constant init changes).
+    with torch.no_grad():
+        model.model.decoder.layer_norm.weight.mul_(0.2)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 256, "longest_edge": 320})
     processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tok)
     _save(model, directory, processor)
@@ -171,6 +176,7 @@ def build_grounding_dino(directory: Path) -> None:
 
 def build_owlv2(directory: Path) -> None:
     """OWLv2: tiny CLIP-like text and vision towers, 64 px images, 16 text positions."""
+    import torch
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
     tok = _wordpiece_fast(extra_special=(OWL_BOS, OWL_EOS), bos=OWL_BOS, eos=OWL_EOS, post_process=True,
@@ -185,6 +191,9 @@ def build_owlv2(directory: Path) -> None:
                   image_size=64, patch_size=16)
     config = Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
     model = Owlv2ForObjectDetection(config)
+    with torch.no_grad():  # as for Grounding DINO: spread the random scores (~0.2-0.8) instead of 0/1
+        model.class_head.logit_shift.weight.mul_(0.1)
+        model.class_head.logit_scale.weight.mul_(0.1)
     image_processor = Owlv2ImageProcessor(size={"height": 64, "width": 64})
     processor = Owlv2Processor(image_processor=image_processor, tokenizer=tok)
     _save(model, directory, processor)
@@ -236,6 +245,20 @@ def build_llava(directory: Path) -> None:
         num_additional_image_tokens=1,  # CLIP's CLS token; "default" drops it again -> 16 tokens
     )
     _save(model, directory, processor)
+    _vision_keys_for_vllm(directory / "model.safetensors")
+
+
+def _vision_keys_for_vllm(path: Path) -> None:
+    """Rename `vision_tower.*` to `vision_tower.vision_model.*`: vLLM expects that layout, transformers loads both."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    prefix = "vision_tower."
+    renamed = {
+        (prefix + "vision_model." + k[len(prefix):] if k.startswith(prefix) and ".vision_model." not in k else k): v
+        for k, v in state.items()
+    }
+    save_file(renamed, str(path), metadata={"format": "pt"})
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {

@@ -71,19 +71,17 @@ class Extract(Stage):
             json_schema=schema,
         )
 
-    def _nltk(self, record: Record, text: str, *, backend: str) -> None:
+    def _nltk_entities(self, text: str) -> list[dict]:
         spec: ExtractSpec = self.spec
-        record.entities = extract_noun_phrase_entities(
-            text, max_entities=spec.max_entities, max_phrase_chars=spec.max_phrase_chars
-        )
-        record.stamp(self.name, backend, params=self._params)
+        return extract_noun_phrase_entities(text, max_entities=spec.max_entities, max_phrase_chars=spec.max_phrase_chars)
 
     def process(self, records: list[Record]) -> None:
         spec: ExtractSpec = self.spec
         if spec.backend == "nltk":
             for record in records:
                 record.factual_caption = record.caption
-                self._nltk(record, record.caption or "", backend="nltk")
+                record.entities = self._nltk_entities(record.caption or "")
+                record.stamp(self.name, "nltk", params=self._params)
             return
         assert self.backend is not None and self.entities is not None
         # (a) factual filter
@@ -105,8 +103,8 @@ class Extract(Stage):
             [self._request(self.entities, r.factual_caption or "", schema=ENTITIES_JSON_SCHEMA) for r in todo]
         )
         for record, result in zip(todo, results, strict=True):
-            self._stamp_llm(record)
             if result.error:
+                self._stamp_llm(record)
                 record.fail(self.name, "backend_error", result.error)
                 continue
             try:
@@ -115,23 +113,27 @@ class Extract(Stage):
                     max_entities=spec.max_entities,
                     max_phrase_chars=spec.max_phrase_chars,
                 )
+                self._stamp_llm(record)
             except EntityFormatError as exc:
                 if spec.fallback == "nltk":
-                    self._nltk(record, record.factual_caption or "", backend="nltk (fallback: llm output invalid)")
+                    record.entities = self._nltk_entities(record.factual_caption or "")
+                    self._stamp_llm(record, note=f"+nltk fallback ({str(exc)[:80]})")
                 else:
+                    self._stamp_llm(record)
                     record.reject(self.name, "invalid_entities_json", str(exc))
         for record in records:
             if record.ok and not record.factual_caption:
                 record.entities = []
                 self._stamp_llm(record)
 
-    def _stamp_llm(self, record: Record) -> None:
+    def _stamp_llm(self, record: Record, *, note: str = "") -> None:
+        """One provenance entry per sample; `note` says when the offline fallback produced the entities."""
         spec: ExtractSpec = self.spec
         assert self.entities is not None
         ids = [p for p in (self.factual, self.entities) if p is not None]
         record.stamp(
             self.name,
-            spec.backend,
+            spec.backend + note,
             model=model_label(spec.model or ""),
             prompt_id="+".join(p.id for p in ids),
             prompt_sha256="+".join(p.sha256 for p in ids),
