@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_train)
+
+    import importlib
+
+    from engine.commands import COMMAND_MODULES
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"engine.commands.{module}").add_parser(sub)
     return parser
 
 
