@@ -39,8 +39,29 @@ class DecodeSpec(_Strict):
     resources: Resources = Resources(batch_size=32)
 
 
+class OpenAIOptions(_Strict):
+    """Any OpenAI-compatible chat endpoint (OpenAI, `vllm serve`, SGLang, llama.cpp server)."""
+
+    base_url: str | None = None  # None: the openai client's default (OPENAI_BASE_URL or api.openai.com)
+    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key; never the key
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+
+
+class VllmOptions(_Strict):
+    """vLLM's offline engine inside the stage's actors."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=16)
+    enforce_eager: bool = False
+    dtype: str = "auto"
+
+
+
 class RecaptionSpec(_Strict):
-    backend: Literal["transformers", "passthrough"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai", "passthrough"] = "transformers"
     model: str | None = None
     prompt: str = "recaption"  # file name (without .txt) in prompts/
     max_tokens: int = Field(160, ge=1)
@@ -48,6 +69,8 @@ class RecaptionSpec(_Strict):
     image_max_side: int = Field(768, ge=16)  # image is resized to this before it goes to the VLM
     dtype: str = "auto"
     device: str = "auto"
+    openai: OpenAIOptions = OpenAIOptions()  # used when backend is openai
+    vllm: VllmOptions = VllmOptions()  # used when backend is vllm
     resources: Resources = Resources()
 
     @model_validator(mode="after")
@@ -58,7 +81,7 @@ class RecaptionSpec(_Strict):
 
 
 class ExtractSpec(_Strict):
-    backend: Literal["transformers", "nltk"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai", "nltk"] = "transformers"
     model: str | None = None
     factual_prompt: str | None = "factual"  # None: skip the factual filter
     entities_prompt: str = "entities"
@@ -69,6 +92,8 @@ class ExtractSpec(_Strict):
     fallback: Literal["nltk"] | None = None  # when the LLM output is not valid, extract with this instead
     dtype: str = "auto"
     device: str = "auto"
+    openai: OpenAIOptions = OpenAIOptions()  # used when backend is openai
+    vllm: VllmOptions = VllmOptions()  # used when backend is vllm
     resources: Resources = Resources()
 
     @model_validator(mode="after")

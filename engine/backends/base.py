@@ -80,6 +80,15 @@ GROUNDING_BACKENDS: dict[str, str] = {
 }
 
 
+def chat_backend_options(spec: Any, cache_dir: str | None) -> dict[str, Any]:
+    """Options a chat stage hands its backend: device settings plus the section named after the backend."""
+    options: dict[str, Any] = {"dtype": spec.dtype, "device": spec.device, "cache_dir": cache_dir}
+    section = getattr(spec, spec.backend, None)
+    if section is not None:
+        options.update(section.model_dump())
+    return options
+
+
 def _load(table: dict[str, str], kind: str, name: str) -> type:
     if name not in table:
         raise ValueError(f"unknown {kind} backend {name!r}; known: {', '.join(sorted(table))}")

@@ -4,4 +4,5 @@ exit code. Add the module's name to COMMAND_MODULES to have it listed by `granuc
 """
 
 COMMAND_MODULES: list[str] = [
+    "export",
 ]

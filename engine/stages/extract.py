@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, make_chat_backend
+from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, chat_backend_options, make_chat_backend
 from engine.config import ExtractSpec
 from engine.entities import (
     ENTITIES_JSON_SCHEMA,
@@ -55,7 +55,7 @@ class Extract(Stage):
 
             ensure_nltk_path()
         if spec.backend != "nltk":
-            options = {"dtype": spec.dtype, "device": spec.device, "cache_dir": self.cache_dir}
+            options = chat_backend_options(spec, self.cache_dir)
             self.backend = make_chat_backend(spec.backend, BackendSpec(model=spec.model, options=options))
 
     def _request(self, prompt: Prompt, caption: str, *, schema: dict | None = None) -> ChatRequest:

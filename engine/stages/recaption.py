@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, make_chat_backend
+from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, chat_backend_options, make_chat_backend
 from engine.config import RecaptionSpec
 from engine.models.loading import is_dummy
 from engine.prompts import load_prompt
@@ -40,7 +40,7 @@ class Recaption(Stage):
         spec: RecaptionSpec = self.spec
         if spec.backend == "passthrough":
             return
-        options = {"dtype": spec.dtype, "device": spec.device, "cache_dir": self.cache_dir}
+        options = chat_backend_options(spec, self.cache_dir)
         self.backend = make_chat_backend(spec.backend, BackendSpec(model=spec.model, options=options))
 
     def process(self, records: list[Record]) -> None:
