@@ -44,9 +44,12 @@ class OpenAIOptions(_Strict):
 
     base_url: str | None = None  # None: the openai client's default (OPENAI_BASE_URL or api.openai.com)
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key; never the key
-    max_concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(5, ge=0)
+    server: Literal["openai", "vllm", "other"] = "openai"  # vllm: also send vLLM's structured_outputs
+    max_concurrency: int = Field(8, ge=1)  # requests in flight per stage worker
+    timeout_s: float = Field(60.0, gt=0)  # per HTTP attempt
+    max_retries: int = Field(5, ge=0)  # retries after the first attempt (engine/retry.py says which errors)
+    backoff_base_s: float = Field(0.5, ge=0)  # first backoff ceiling; doubles per retry, full jitter
+    backoff_max_s: float = Field(30.0, ge=0)  # cap on one wait, Retry-After included
 
 
 class VllmOptions(_Strict):
@@ -103,6 +106,26 @@ class ExtractSpec(_Strict):
         return self
 
 
+class AnnotateSpec(_Strict):
+    """DetCLIPv3 step 3: one VLM call per image (image + raw caption -> entities JSON) replaces
+    recaption + extract; meant for a VLM fine-tuned on `granucap export sft` output."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str
+    prompt: str = "annotate"
+    max_tokens: int = Field(384, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    image_max_side: int = Field(768, ge=16)
+    max_entities: int = Field(32, ge=1)
+    max_phrase_chars: int = Field(80, ge=1)
+    fallback: Literal["nltk"] | None = None  # invalid output: noun phrases of the raw caption instead
+    dtype: str = "auto"
+    device: str = "auto"
+    openai: OpenAIOptions = OpenAIOptions()
+    vllm: VllmOptions = VllmOptions()
+    resources: Resources = Resources()
+
+
 class GroundSpec(_Strict):
     backend: Literal["transformers"] = "transformers"
     model: str
@@ -133,6 +156,7 @@ class StagesSpec(_Strict):
     decode: DecodeSpec = DecodeSpec()
     recaption: RecaptionSpec = RecaptionSpec(backend="passthrough")
     extract: ExtractSpec = ExtractSpec(backend="nltk")
+    annotate: AnnotateSpec | None = None  # set: the fused annotator replaces recaption and extract
     ground: GroundSpec
     filter: FilterSpec = FilterSpec()
 

@@ -371,6 +371,9 @@ def _chunk_entity(words: list[tuple[str, str]], tools: dict[str, Any]) -> dict[s
     return None
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+
 def extract_noun_phrase_entities(
     caption: str, *, max_entities: int = 32, max_phrase_chars: int = 80
 ) -> list[dict[str, str]]:
@@ -384,11 +387,14 @@ def extract_noun_phrase_entities(
     from nltk.tokenize import word_tokenize
 
     tools = _nlp()
-    tokens = word_tokenize(caption[:20000], preserve_line=True)
-    tree = tools["chunker"].parse(tools["tagger"].tag(tokens))
     found = []
-    for subtree in tree.subtrees(filter=lambda t: t.label() == "NP"):
-        entity = _chunk_entity(list(subtree.leaves()), tools)
-        if entity is not None:
-            found.append(entity)
+    # preserve_line=True splits no sentences (it needs no punkt data), so a chunk could run across a full
+    # stop ("remote control. Best"): split sentences first with a plain rule.
+    for sentence in _SENTENCE_END.split(caption[:20000]):
+        tokens = word_tokenize(sentence, preserve_line=True)
+        tree = tools["chunker"].parse(tools["tagger"].tag(tokens))
+        for subtree in tree.subtrees(filter=lambda t: t.label() == "NP"):
+            entity = _chunk_entity(list(subtree.leaves()), tools)
+            if entity is not None:
+                found.append(entity)
     return normalize_entities(found, max_entities=max_entities, max_phrase_chars=max_phrase_chars)

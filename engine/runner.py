@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64  # rows per block coming out of the read tasks
 STAGE_ORDER = ("decode", "recaption", "extract", "ground", "filter")
-MODEL_STAGES = ("recaption", "extract", "ground")
+FUSED_ORDER = ("decode", "annotate", "ground", "filter")
+MODEL_STAGES = ("recaption", "extract", "annotate", "ground")
 ENV_PASSTHROUGH = ("GRANUCAP_", "HF_", "TRANSFORMERS_", "NLTK_DATA", "OMP_NUM_THREADS", "TOKENIZERS_")
 # Model loading progress bars from every worker drown the run's own progress view.
 QUIET_WORKERS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
@@ -43,6 +44,11 @@ QUIET_WORKERS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": 
 
 class RunError(RuntimeError):
     """The run cannot start or finish (output belongs to another plan, units left incomplete...)."""
+
+
+def stage_names(config: PipelineConfig) -> tuple[str, ...]:
+    """The stages a pipeline runs, in order: the fused annotator replaces recaption + extract."""
+    return FUSED_ORDER if config.stages.annotate is not None else STAGE_ORDER
 
 
 def build_stage(name: str, config: PipelineConfig) -> Stage:
@@ -61,6 +67,10 @@ def build_stage(name: str, config: PipelineConfig) -> Stage:
         from engine.stages.extract import Extract
 
         return Extract(spec, cache_dir=cache_dir)
+    if name == "annotate":
+        from engine.stages.annotate import Annotate
+
+        return Annotate(spec, cache_dir=cache_dir)
     if name == "ground":
         from engine.stages.ground import Ground
 
@@ -75,7 +85,7 @@ def build_stage(name: str, config: PipelineConfig) -> Stage:
 def check_stage_inputs(config: PipelineConfig) -> None:
     """Each stage's required fields are provided by the reader or an earlier stage."""
     available = {"key", "source", "unit", "position", "image", "raw_caption", "meta", "width", "height"}
-    for name in STAGE_ORDER:
+    for name in stage_names(config):
         stage = build_stage(name, config)
         missing = [f for f in stage.requires if f not in available]
         if missing:
@@ -85,7 +95,7 @@ def check_stage_inputs(config: PipelineConfig) -> None:
 
 def run_stage_locally(records: list[Record], config: PipelineConfig) -> list[Record]:
     """All stages in one process, in order (tests, debugging, `--no-ray`)."""
-    for name in STAGE_ORDER:
+    for name in stage_names(config):
         stage = build_stage(name, config)
         records = stage(records)
     return records
@@ -160,7 +170,7 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
     config_json = config.model_dump_json()
     ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(len(units), 1))
     ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-    for name in STAGE_ORDER:
+    for name in stage_names(config):
         spec = getattr(config.stages, name)
         res: Resources = spec.resources
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
@@ -231,7 +241,7 @@ def versions() -> dict[str, str]:
 
 def describe_models(config: PipelineConfig) -> dict[str, Any]:
     out = {}
-    for name in MODEL_STAGES:
+    for name in (n for n in stage_names(config) if n in MODEL_STAGES):
         spec = getattr(config.stages, name)
         model = getattr(spec, "model", None)
         out[name] = {"backend": spec.backend, "model": model, "dummy_weights": bool(model) and is_dummy(model)}
@@ -240,6 +250,8 @@ def describe_models(config: PipelineConfig) -> dict[str, Any]:
 
 def describe_prompts(config: PipelineConfig) -> dict[str, str]:
     ids = ["system"]
+    if config.stages.annotate is not None:
+        return {p.id: p.sha256 for p in map(load_prompt, ids + [config.stages.annotate.prompt])}
     if config.stages.recaption.backend != "passthrough":
         ids.append(config.stages.recaption.prompt)
     if config.stages.extract.backend != "nltk":

@@ -261,3 +261,9 @@ def test_tagger_unpickler_refuses_other_globals() -> None:
         nltk_data._BuiltinsOnlyUnpickler(io.BytesIO(payload)).load()
     ok = pickle.dumps(({"bias": {"NN": 1.0}}, {"the": "DT"}, {"NN", "DT"}), protocol=2)
     assert nltk_data._BuiltinsOnlyUnpickler(io.BytesIO(ok)).load()[2] == {"NN", "DT"}
+
+
+def test_noun_phrases_do_not_run_across_sentences():
+    found = extract_noun_phrase_entities("A TV remote control on a table. Best deals online!")
+    assert {e["phrase"] for e in found} >= {"tv remote control", "table"}
+    assert all("." not in e["phrase"] for e in found)

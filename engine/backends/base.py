@@ -74,6 +74,7 @@ class BackendSpec:
 # name -> "module:Class"; implementations are imported only when chosen.
 CHAT_BACKENDS: dict[str, str] = {
     "transformers": "engine.backends.transformers_chat:TransformersChat",
+    "openai": "engine.backends.openai_chat:OpenAIChat",
 }
 GROUNDING_BACKENDS: dict[str, str] = {
     "transformers": "engine.backends.transformers_grounding:TransformersGrounding",

@@ -8,11 +8,31 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # format -> "module:function"; modules are imported only when their format is asked for.
 EXPORTERS: dict[str, str] = {
+    "sft": "engine.export.sft:export",
 }
+
+
+def complete_shards(run_dir: str | Path) -> list[Path]:
+    """The run's finished shard tars (their stats marker exists), in shard order."""
+    shards = Path(run_dir) / "shards"
+    return [p for p in sorted(shards.glob("[0-9]*.tar")) if (shards / f"{p.stem}.stats.json").is_file()]
+
+
+def iter_run_samples(run_dir: str | Path) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """Stream (record json, jpeg bytes) for every ok sample of a run, shard by shard, with webdataset."""
+    import json
+
+    import webdataset as wds
+
+    urls = [str(p) for p in complete_shards(run_dir)]
+    if not urls:
+        return
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        yield json.loads(sample["json"]), sample["jpg"]
 
 
 def get_exporter(fmt: str) -> Callable[..., dict[str, Any]]:
