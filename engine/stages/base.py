@@ -1,8 +1,9 @@
 """What a stage is: cheap construction from its spec, `setup()` once per worker, `__call__` on a batch.
 
 A stage returns its batch 1:1 and in order. Samples that are not `ok` pass through untouched. A per-sample
-exception becomes that sample's error; only infrastructure failures (`InfrastructureError`, out of memory)
-propagate, so that Ray can restart the worker and retry the batch.
+exception becomes that sample's error; accelerator out-of-memory halves the batch and retries; only
+infrastructure failures (`InfrastructureError`, host `MemoryError`) propagate, so that Ray can restart the
+worker and retry the batch.
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ class InfrastructureError(RuntimeError):
     """The worker cannot go on (engine dead, device lost): not the sample's fault, so it is not a row."""
 
 
-# Errors that say the machine, not the sample, is the problem. torch's OOM subclasses RuntimeError and is
-# matched by name so that this module does not import torch.
-_INFRA_NAMES = {"OutOfMemoryError", "InfrastructureError"}
-
-
 def is_infrastructure_error(exc: BaseException) -> bool:
-    return isinstance(exc, (InfrastructureError, MemoryError)) or type(exc).__name__ in _INFRA_NAMES
+    """The machine, not the sample, is the problem: the worker should die and Ray retry elsewhere."""
+    return isinstance(exc, (InfrastructureError, MemoryError))
+
+
+def is_device_oom(exc: BaseException) -> bool:
+    """Accelerator out of memory (torch's OutOfMemoryError, matched by name so torch is not imported here)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+def _free_device_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def error_kind(exc: BaseException) -> str:
@@ -54,19 +64,39 @@ class Stage:
             self._ready = True
         todo = [r for r in records if r.ok]
         if todo:
-            try:
-                self.process(todo)
-            except Exception as exc:  # noqa: BLE001 - sorted into infra (raise) and sample errors below
-                if is_infrastructure_error(exc) or len(todo) == 1:
-                    if is_infrastructure_error(exc):
-                        raise
-                    self._fail(todo[0], exc)
-                else:
-                    # One bad sample must not cost its batch: redo the batch one sample at a time.
-                    log.warning("%s: batch of %d failed (%s); retrying per sample", self.name, len(todo), exc)
-                    for record in todo:
-                        self._run_alone(record)
+            self._process_guarded(todo)
         return records
+
+    def _process_guarded(self, todo: list[Record]) -> None:
+        """`process` with the failure rules: device OOM halves the batch and retries (a lone sample that
+        still does not fit fails with kind out_of_memory); another error redoes the batch one sample at a
+        time so it costs only the sample that raised; infrastructure errors propagate."""
+        marks = [len(r.provenance) for r in todo]
+        try:
+            self.process(todo)
+            return
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            for record, mark in zip(todo, marks):
+                del record.provenance[mark:]  # a retried sample must not carry the failed attempt's stamps
+            if is_infrastructure_error(exc):
+                raise
+            if is_device_oom(exc):
+                _free_device_memory()
+                if len(todo) == 1:
+                    self._fail(todo[0], exc, kind="out_of_memory")
+                    return
+                half = len(todo) // 2
+                log.warning("%s: out of memory on a batch of %d; retrying as %d + %d", self.name, len(todo),
+                            half, len(todo) - half)
+                self._process_guarded(todo[:half])
+                self._process_guarded(todo[half:])
+                return
+            if len(todo) == 1:
+                self._fail(todo[0], exc)
+                return
+            log.warning("%s: batch of %d failed (%s); retrying per sample", self.name, len(todo), exc)
+        for record in todo:
+            self._run_alone(record)
 
     def process(self, records: list[Record]) -> None:
         """Fill the fields of `records` (all `ok`) in place. Default: one at a time, errors per sample."""
@@ -79,16 +109,18 @@ class Stage:
     def _run_alone(self, record: Record) -> None:
         if not record.ok:
             return
+        if type(self).process is not Stage.process:
+            self._process_guarded([record])
+            return
+        mark = len(record.provenance)
         try:
-            if type(self).process is Stage.process:
-                self.process_one(record)
-            else:
-                self.process([record])
+            self.process_one(record)
         except Exception as exc:  # noqa: BLE001
+            del record.provenance[mark:]
             if is_infrastructure_error(exc):
                 raise
-            self._fail(record, exc)
+            self._fail(record, exc, kind="out_of_memory" if is_device_oom(exc) else None)
 
-    def _fail(self, record: Record, exc: BaseException) -> None:
+    def _fail(self, record: Record, exc: BaseException, *, kind: str | None = None) -> None:
         log.debug("%s failed on %s: %s", self.name, record.key, exc, exc_info=True)
-        record.fail(self.name, error_kind(exc), str(exc) or repr(exc))
+        record.fail(self.name, kind or error_kind(exc), str(exc) or repr(exc))
