@@ -127,15 +127,37 @@ def _run_stage_task(table: pa.Table, *, name: str, config_json: str) -> pa.Table
     return to_table(stage(from_table(table)))
 
 
+CHAOS_ENV = "GRANUCAP_CHAOS_KILL_ONCE"
+
+
+def _chaos(name: str) -> None:
+    """Fault injection for the reliability tests: with GRANUCAP_CHAOS_KILL_ONCE=STAGE:PATH the first batch
+    that reaches STAGE's actor kills that worker process (as a segfault or a lost node would), once: PATH
+    records that it happened. Unset, this costs one dictionary lookup per batch."""
+    spec = os.environ.get(CHAOS_ENV)
+    if not spec:
+        return
+    stage, _, path = spec.partition(":")
+    if stage == name and path:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(137)
+
+
 class _StageActor:
     """One model stage per Ray actor: the model loads once, then serves batch after batch."""
 
     def __init__(self, *, name: str, config_json: str) -> None:
+        self.name = name
         self.stage = build_stage(name, PipelineConfig.model_validate_json(config_json))
         self.stage.setup()
         self.stage._ready = True
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        _chaos(self.name)
         return to_table(self.stage(from_table(table)))
 
 
@@ -263,9 +285,12 @@ def write_manifest(output: Path, config: PipelineConfig, units: list[Unit], inpu
     done = completed_units(output)
     counts: Counter = Counter()
     reasons: Counter = Counter()
+    usage: dict[str, Counter] = {}
     for stats in done.values():
         counts.update({k: stats[k] for k in ("read", "ok", "rejected", "failed", "boxes", "entities")})
         reasons.update(stats.get("reasons", {}))
+        for stage, spent in stats.get("usage", {}).items():  # chat requests and tokens per stage
+            usage.setdefault(stage, Counter()).update(spent)
     models = describe_models(config)
     manifest = {
         "format": "granucap/1",
@@ -279,6 +304,7 @@ def write_manifest(output: Path, config: PipelineConfig, units: list[Unit], inpu
         "units": {"planned": len(units), "complete": len(done)},
         "counts": {k: counts.get(k, 0) for k in ("read", "ok", "rejected", "failed", "boxes", "entities")},
         "reasons": dict(reasons.most_common()),
+        "usage": {stage: dict(sorted(c.items())) for stage, c in sorted(usage.items())},
         **extra,
     }
     atomic_write_bytes(output / "manifest.json", json.dumps(manifest, indent=2).encode())
