@@ -29,7 +29,7 @@ from engine.models.loading import is_dummy
 from engine.prompts import load_prompt
 from engine.records import SCHEMA, Record, from_table, to_table
 from engine.stages.base import Stage
-from engine.stages.write import ShardWriter, atomic_write_bytes, clean_temporaries, completed_units
+from engine.stages.write import ShardWriter, atomic_write_bytes, clean_temporaries, completed_keys, completed_units
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,9 @@ def run(
     log.info("%d units planned, %d already complete, %d to do", len(units), len(done), len(todo))
     if todo:
         _ray_init(config, ray_address)
-        writer = ShardWriter(output, expected={u.index: u.stop - u.start for u in todo})
+        writer = ShardWriter(
+            output, expected={u.index: u.stop - u.start for u in todo}, seen_keys=completed_keys(output, sorted(done))
+        )
         ds = build_dataset(todo, config)
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             records = from_table(table)

@@ -86,3 +86,24 @@ def test_temporaries_are_cleaned_and_never_count_as_done(tmp_path):
 def test_tar_key_is_webdataset_safe():
     assert tar_key("../etc/pass.wd") == "___etc_pass_wd"
     assert tar_key("abc-01_x") == "abc-01_x"
+
+
+def test_repeated_keys_are_renamed_in_plan_order_and_nothing_is_dropped(tmp_path):
+    writer = ShardWriter(tmp_path, expected={0: 3, 1: 2})
+    writer([make(0, 0, "a"), make(0, 1, "a"), make(0, 2, "b")])
+    writer([make(1, 0, "a"), make(1, 1, "b")])
+    keys = [r["key"] for r in pq.read_table(tmp_path / "index").to_pylist()]
+    assert keys == ["a", "a-dup1", "b", "a-dup2", "b-dup1"]
+    rows = pq.read_table(tmp_path / "index" / "000001.parquet").to_pylist()
+    assert json.loads(rows[0]["meta"])["duplicate_of_key"] == "a"
+    samples = list(wds.WebDataset(str(tmp_path / "shards" / "000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["a", "a-dup1", "b"]
+
+
+def test_a_resumed_writer_knows_the_keys_of_completed_units(tmp_path):
+    from engine.stages.write import completed_keys
+
+    ShardWriter(tmp_path, expected={0: 1})([make(0, 0, "a")])
+    resumed = ShardWriter(tmp_path, expected={1: 1}, seen_keys=completed_keys(tmp_path, [0]))
+    resumed([make(1, 0, "a")])
+    assert pq.read_table(tmp_path / "index" / "000001.parquet").column("key").to_pylist() == ["a-dup1"]

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from engine.records import Record, to_table
+from engine.stages.decode import merge_meta
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,14 @@ class UnitStats:
     boxes: int = 0
     entities: int = 0
     reasons: Counter = field(default_factory=Counter)  # "stage/kind" -> count, for rejected and failed
+    usage: dict[str, Counter] = field(default_factory=dict)  # stage -> requests/tokens, every status
 
     def add(self, record: Record) -> None:
         self.read += 1
+        for entry in record.provenance:
+            spent = _usage(entry.get("params"))
+            if spent:
+                self.usage.setdefault(str(entry.get("stage")), Counter()).update(spent)
         setattr(self, record.status, getattr(self, record.status) + 1)
         if record.ok:
             self.boxes += len(record.boxes)
@@ -88,7 +94,21 @@ class UnitStats:
             "boxes": self.boxes,
             "entities": self.entities,
             "reasons": dict(sorted(self.reasons.items())),
+            "usage": {stage: dict(sorted(c.items())) for stage, c in sorted(self.usage.items())},
         }
+
+
+def _usage(params: str | None) -> dict[str, int]:
+    """The `usage` a chat stage stamped into its provenance params (requests, tokens), or {}."""
+    if not params or '"usage"' not in params:
+        return {}
+    try:
+        usage = json.loads(params).get("usage")
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(usage, dict):
+        return {}
+    return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 class ShardWriter:
@@ -96,8 +116,10 @@ class ShardWriter:
 
     name = "write"
 
-    def __init__(self, output: str | Path, *, expected: dict[int, int]) -> None:
+    def __init__(self, output: str | Path, *, expected: dict[int, int], seen_keys: set[str] | None = None) -> None:
         self.output = Path(output)
+        # Keys already used in this run (completed units included): keys must be unique within a run.
+        self.seen_keys: set[str] = set() if seen_keys is None else seen_keys
         self.shards = self.output / "shards"
         self.index = self.output / "index"
         self.expected = dict(expected)  # unit -> number of samples it must receive
@@ -118,6 +140,18 @@ class ShardWriter:
                 done.append(self.write_unit(record.unit, self.pending.pop(record.unit)))
         return done
 
+    def _unique_key(self, record: Record) -> None:
+        """A key seen before in this run (e.g. two dumps that both number from 000000000) is renamed
+        `KEY-dupN`, N the first free number, so no sample is dropped; meta keeps the original key. Units
+        arrive in plan order, so the renaming is the same on every run."""
+        if record.key in self.seen_keys:
+            n = 1
+            while f"{record.key}-dup{n}" in self.seen_keys:
+                n += 1
+            record.meta = merge_meta(record.meta, {"duplicate_of_key": record.key})
+            record.key = f"{record.key}-dup{n}"
+        self.seen_keys.add(record.key)
+
     def incomplete(self) -> dict[int, int]:
         """Units that received some but not all of their samples: unit -> samples received."""
         return {unit: len(rows) for unit, rows in self.pending.items()}
@@ -127,6 +161,8 @@ class ShardWriter:
         positions = [r.position for r in records]
         if positions != list(range(len(records))):
             raise ValueError(f"unit {unit}: positions are not 0..{len(records) - 1} once each: {positions[:10]}...")
+        for record in records:
+            self._unique_key(record)
         name = shard_name(unit)
         stats = UnitStats(unit=unit)
         buffer = io.BytesIO()
@@ -170,6 +206,15 @@ def clean_temporaries(output: str | Path) -> int:
                     path.unlink()
                     removed += 1
     return removed
+
+
+def completed_keys(output: str | Path, units: list[int]) -> set[str]:
+    """Keys written by completed units (read from their index parts, key column only)."""
+    keys: set[str] = set()
+    for unit in units:
+        path = Path(output) / "index" / f"{shard_name(unit)}.parquet"
+        keys.update(pq.read_table(path, columns=["key"]).column("key").to_pylist())
+    return keys
 
 
 def completed_units(output: str | Path) -> dict[int, dict[str, Any]]:

@@ -95,4 +95,11 @@ def write_bad_dump(dest: Path) -> dict[str, str]:
         tar.addfile(link)
         add("link.txt", b"a symlink pretending to be an image")
         expected["link"] = "rejected:read/unsafe_member"
+    # a second dump numbering its samples like the first: the repeated key is renamed, not dropped
+    with tarfile.open(dest / "bad2.tar", "w") as tar:
+        for name, data in (("good.jpg", _jpeg(Image.new("RGB", (64, 64), (0, 200, 0)))), ("good.txt", b"a green square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    expected["good-dup1"] = "ok"
     return expected
