@@ -126,12 +126,35 @@ class AnnotateSpec(_Strict):
     resources: Resources = Resources()
 
 
+class RescoreSpec(_Strict):
+    """YOLO-World style re-scoring: score = sqrt(detector score * CLIP prob of the box's text on its crop)."""
+
+    enabled: bool = False
+    model: str = "openai/clip-vit-base-patch32"  # any CLIPModel checkpoint (hub id, directory, tiny:clip)
+    batch_size: int = Field(32, ge=1)  # crops per CLIP forward pass
+
+
+class ExemplarSpec(_Strict):
+    """T-Rex2 style visual prompts: crops in `dir/CATEGORY/*.jpg` find more boxes of that category (OWLv2)."""
+
+    dir: str | None = None  # None: off
+    model: str = "google/owlv2-base-patch16-ensemble"  # an OWLv2 / OWL-ViT checkpoint
+    threshold: float = Field(0.5, ge=0, le=1)
+    nms_iou: float = Field(0.3, gt=0, le=1)  # within one category's exemplar boxes
+
+
 class GroundSpec(_Strict):
     backend: Literal["transformers"] = "transformers"
     model: str
     box_threshold: float = Field(0.35, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
+    phrase_threshold: float | None = Field(None, ge=0, le=1)  # boxes matched by a phrase; None: box_threshold
+    category_threshold: float | None = Field(None, ge=0, le=1)  # boxes matched by a category; None: box_threshold
     max_prompt_tokens: int | None = Field(None, ge=8)  # default: the text encoder's own limit
+    forward_batch_size: int = Field(8, ge=1)  # (image, prompt) pairs per teacher forward pass
+    dummy_weights: bool = False  # the model's real architecture from its config, random weights (throughput)
+    rescore: RescoreSpec = RescoreSpec()
+    exemplars: ExemplarSpec = ExemplarSpec()
     dtype: str = "auto"
     device: str = "auto"
     resources: Resources = Resources()

@@ -83,6 +83,8 @@ def test_annotate_stage_rejects_invalid_output_or_falls_back(model_cache):
     assert out[0].ok and out[0].entities == [{"phrase": "red square", "category": "square", "parent_category": "shape"}]
     assert "nltk fallback" in out[0].provenance[0]["backend"]
     assert out[0].provenance[0]["prompt_id"] == "annotate"
+    usage = json.loads(out[0].provenance[0]["params"])["usage"]
+    assert usage["requests"] == 1 and 0 < usage["completion_tokens"] <= 8
 
 
 def test_extract_command_prints_entities(capsys):

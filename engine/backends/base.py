@@ -34,6 +34,15 @@ class ChatResult:
     error: str | None = None  # per-request failure; the stage turns it into the sample's error
 
 
+def usage_of(results: list[ChatResult]) -> dict[str, int]:
+    """One sample's chat requests and tokens, stamped into its provenance params and summed into the manifest."""
+    return {
+        "requests": len(results),
+        "prompt_tokens": sum(r.prompt_tokens for r in results),
+        "completion_tokens": sum(r.completion_tokens for r in results),
+    }
+
+
 class ChatBackend(Protocol):
     """Generates text for a batch of requests, results 1:1 and in order."""
 

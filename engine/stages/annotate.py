@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, chat_backend_options, make_chat_backend
+from engine.backends.base import usage_of
 from engine.config import AnnotateSpec
 from engine.entities import ENTITIES_JSON_SCHEMA, EntityFormatError, extract_noun_phrase_entities
 from engine.entities import normalize_entities, parse_entities_json
@@ -46,11 +47,8 @@ class Annotate(Stage):
         self.prompt = load_prompt(spec.prompt)
         self.system = load_prompt("system")
         self.backend: ChatBackend | None = None
-        self._params = json.dumps(
-            {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "max_entities": spec.max_entities,
-             "fallback": spec.fallback},
-            sort_keys=True,
-        )
+        self._params = {"max_tokens": spec.max_tokens, "temperature": spec.temperature,
+                        "max_entities": spec.max_entities, "fallback": spec.fallback}
 
     def setup(self) -> None:
         spec: AnnotateSpec = self.spec
@@ -95,4 +93,5 @@ class Annotate(Stage):
                         )
                         note = f"+nltk fallback ({str(exc)[:80]})"
             record.stamp(self.name, spec.backend + note, model=model_label(spec.model),
-                         prompt_id=self.prompt.id, prompt_sha256=self.prompt.sha256, params=self._params)
+                         prompt_id=self.prompt.id, prompt_sha256=self.prompt.sha256,
+                         params=json.dumps(self._params | {"usage": usage_of([result])}, sort_keys=True))

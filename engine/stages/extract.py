@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import json
 
-from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, chat_backend_options, make_chat_backend
+from engine.backends.base import (
+    BackendSpec,
+    ChatBackend,
+    ChatRequest,
+    ChatResult,
+    chat_backend_options,
+    make_chat_backend,
+    usage_of,
+)
 from engine.config import ExtractSpec
 from engine.entities import (
     ENTITIES_JSON_SCHEMA,
@@ -38,15 +46,12 @@ class Extract(Stage):
         self.factual = load_prompt(spec.factual_prompt) if llm and spec.factual_prompt else None
         self.entities = load_prompt(spec.entities_prompt) if llm else None
         self.backend: ChatBackend | None = None
-        self._params = json.dumps(
-            {
-                "max_tokens": spec.max_tokens,
-                "temperature": spec.temperature,
-                "max_entities": spec.max_entities,
-                "fallback": spec.fallback,
-            },
-            sort_keys=True,
-        )
+        self._params = {
+            "max_tokens": spec.max_tokens,
+            "temperature": spec.temperature,
+            "max_entities": spec.max_entities,
+            "fallback": spec.fallback,
+        }
 
     def setup(self) -> None:
         spec: ExtractSpec = self.spec
@@ -81,14 +86,17 @@ class Extract(Stage):
             for record in records:
                 record.factual_caption = record.caption
                 record.entities = self._nltk_entities(record.caption or "")
-                record.stamp(self.name, "nltk", params=self._params)
+                record.stamp(self.name, "nltk", params=json.dumps(self._params, sort_keys=True))
             return
         assert self.backend is not None and self.entities is not None
+        used: dict[int, list[ChatResult]] = {id(r): [] for r in records}  # per sample, for its usage
         # (a) factual filter
         if self.factual is not None:
             results = self.backend.generate([self._request(self.factual, r.caption or "") for r in records])
             for record, result in zip(records, results, strict=True):
+                used[id(record)].append(result)
                 if result.error:
+                    self._stamp_llm(record, used[id(record)])
                     record.fail(self.name, "backend_error", result.error)
                 elif is_none_answer(result.text):
                     record.factual_caption = None
@@ -103,8 +111,9 @@ class Extract(Stage):
             [self._request(self.entities, r.factual_caption or "", schema=ENTITIES_JSON_SCHEMA) for r in todo]
         )
         for record, result in zip(todo, results, strict=True):
+            used[id(record)].append(result)
             if result.error:
-                self._stamp_llm(record)
+                self._stamp_llm(record, used[id(record)])
                 record.fail(self.name, "backend_error", result.error)
                 continue
             try:
@@ -113,21 +122,22 @@ class Extract(Stage):
                     max_entities=spec.max_entities,
                     max_phrase_chars=spec.max_phrase_chars,
                 )
-                self._stamp_llm(record)
+                self._stamp_llm(record, used[id(record)])
             except EntityFormatError as exc:
                 if spec.fallback == "nltk":
                     record.entities = self._nltk_entities(record.factual_caption or "")
-                    self._stamp_llm(record, note=f"+nltk fallback ({str(exc)[:80]})")
+                    self._stamp_llm(record, used[id(record)], note=f"+nltk fallback ({str(exc)[:80]})")
                 else:
-                    self._stamp_llm(record)
+                    self._stamp_llm(record, used[id(record)])
                     record.reject(self.name, "invalid_entities_json", str(exc))
         for record in records:
             if record.ok and not record.factual_caption:
                 record.entities = []
-                self._stamp_llm(record)
+                self._stamp_llm(record, used[id(record)])
 
-    def _stamp_llm(self, record: Record, *, note: str = "") -> None:
-        """One provenance entry per sample; `note` says when the offline fallback produced the entities."""
+    def _stamp_llm(self, record: Record, results: list[ChatResult], *, note: str = "") -> None:
+        """One provenance entry per sample with its requests' usage; `note` says when the offline fallback
+        produced the entities."""
         spec: ExtractSpec = self.spec
         assert self.entities is not None
         ids = [p for p in (self.factual, self.entities) if p is not None]
@@ -137,5 +147,5 @@ class Extract(Stage):
             model=model_label(spec.model or ""),
             prompt_id="+".join(p.id for p in ids),
             prompt_sha256="+".join(p.sha256 for p in ids),
-            params=self._params,
+            params=json.dumps(self._params | {"usage": usage_of(results)}, sort_keys=True),
         )

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import json
 
-from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, chat_backend_options, make_chat_backend
+from engine.backends.base import (
+    BackendSpec,
+    ChatBackend,
+    ChatRequest,
+    chat_backend_options,
+    make_chat_backend,
+    usage_of,
+)
 from engine.config import RecaptionSpec
 from engine.models.loading import is_dummy
 from engine.prompts import load_prompt
@@ -31,10 +38,8 @@ class Recaption(Stage):
         self.prompt = load_prompt(spec.prompt) if spec.backend != "passthrough" else None
         self.system = load_prompt("system") if spec.backend != "passthrough" else None
         self.backend: ChatBackend | None = None
-        self._params = json.dumps(
-            {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "image_max_side": spec.image_max_side},
-            sort_keys=True,
-        )
+        self._params = {"max_tokens": spec.max_tokens, "temperature": spec.temperature,
+                        "image_max_side": spec.image_max_side}
 
     def setup(self) -> None:
         spec: RecaptionSpec = self.spec
@@ -74,7 +79,7 @@ class Recaption(Stage):
                 model=model_label(spec.model or ""),
                 prompt_id=self.prompt.id,
                 prompt_sha256=self.prompt.sha256,
-                params=self._params,
+                params=json.dumps(self._params | {"usage": usage_of([result])}, sort_keys=True),
             )
             if result.error:
                 record.fail(self.name, "backend_error", result.error)
