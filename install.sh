@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python}"
-APT_PACKAGES=(wordnet-base wordnet-sense-index)
+# chromium: headless screenshots of `granucap inspect --html` in tests/test_inspect.py
+APT_PACKAGES=(wordnet-base wordnet-sense-index chromium)
 
 say() { echo "[install] $*" >&2; }
 
-# 1. system packages: WordNet for the offline entity extractor
+# 1. system packages: WordNet for the offline entity extractor, Chromium for the HTML page test
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

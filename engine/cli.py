@@ -46,6 +46,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.runner import RunError, run
 
     config = load_config(args.pipeline, args.set)
+    if args.dry_run:
+        from engine.commands.inspect import show_plan
+
+        return show_plan(config, args.input, args.output, ray_address=args.ray_address)
     console = Console(stderr=True)
     if args.quiet:
         manifest = run(config, inputs=args.input, output=args.output, ray_address=args.ray_address)
@@ -118,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")
     p.add_argument("--ray-address", default=None, help="Ray cluster address; default: embedded Ray")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress view")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan (stages, units, done) and exit")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo-input", help="write a small synthetic raw dump (webdataset tars) to try granucap")

@@ -6,4 +6,6 @@ exit code. Add the module's name to COMMAND_MODULES to have it listed by `granuc
 COMMAND_MODULES: list[str] = [
     "export",
     "try_one",
+    "inspect",
+    "doctor",
 ]

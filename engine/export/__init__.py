@@ -13,6 +13,11 @@ from typing import Any, Callable, Iterator
 # format -> "module:function"; modules are imported only when their format is asked for.
 EXPORTERS: dict[str, str] = {
     "sft": "engine.export.sft:export",
+    "coco": "engine.export.coco:export_coco",
+    "odvg": "engine.export.odvg:export_odvg",
+    "odvg-grounding": "engine.export.odvg:export_odvg_grounding",
+    "yolo": "engine.export.yolo:export_yolo",
+    "labelstudio": "engine.export.labelstudio:export_labelstudio",
 }
 
 

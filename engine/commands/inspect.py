@@ -1,0 +1,117 @@
+"""`granucap inspect RUN_DIR [--html DEST] [--json]`: a run's summary as tables, JSON or a static page.
+Also prints the plan of `granucap run --dry-run` (`show_plan`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    return table
+
+
+def console():
+    """Rich console on stdout; wide when piped (rich's default of 80 columns folds the plan's model ids)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+
+    from engine.inspect import summarize, write_html
+
+    summary = summarize(args.run_dir, top=args.top)
+    if summary["samples"] == 0 and not summary["units"]:
+        raise FileNotFoundError(f"{args.run_dir}: no complete shards and no manifest.json; is it a granucap run?")
+    if args.html:
+        summary["html"] = str(write_html(args.run_dir, args.html, gallery=args.gallery, summary=summary))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    out = console()
+    n = max(summary["samples"], 1)
+    out.print(
+        _table(
+            f"run {summary['run_dir']} (pipeline {summary['pipeline']}, {summary['status']})",
+            ["", "samples", "share"],
+            [[k, summary[k], f"{summary[k] / n:.1%}"] for k in ("ok", "rejected", "failed")]
+            + [["total", summary["samples"], ""]],
+        )
+    )
+    if summary["reasons"]:
+        out.print(_table("top reasons", ["status: stage/kind", "samples"], summary["reasons"]))
+    bpi = summary["boxes_per_image"]
+    out.print(
+        _table(
+            "boxes",
+            ["boxes", "per image (mean)", "min", "max", "phrase matches", "category matches"],
+            [[summary["boxes"], f"{bpi['mean']:.2f}", bpi["min"], bpi["max"],
+              summary["matched"].get("phrase", 0), summary["matched"].get("category", 0)]],
+        )
+    )
+    hist = summary["score_histogram"]
+    peak = max(hist.values()) or 1
+    out.print(_table("score histogram", ["score", "boxes", ""], [[k, v, "█" * round(20 * v / peak)] for k, v in hist.items()]))
+    out.print(_table(f"top categories ({summary['categories']} in all)", ["category", "boxes"], summary["top_categories"]))
+    out.print(
+        _table(f"top parent categories ({summary['parent_categories']} in all)", ["parent category", "boxes"],
+               summary["top_parent_categories"])
+    )
+    if summary["dummy_models"]:
+        out.print("note: made with dummy (random-weight) models; boxes and captions are random by design")
+    if args.html:
+        out.print(f"page: {summary['html']}")
+    return 0
+
+
+def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None = None, as_json: bool = False) -> int:
+    """Print what `granucap run` would do; used by `granucap run --dry-run`."""
+    from engine.inspect import plan_summary
+
+    plan = plan_summary(config, inputs, output)
+    plan["ray_address"] = ray_address or plan["ray_address"]
+    if as_json:
+        print(json.dumps(plan))
+        return 0
+    out = console()
+    out.print(
+        _table(
+            f"pipeline {plan['pipeline']}: stages",
+            ["stage", "backend", "model", "runs as", "batch", "concurrency", "cpus", "gpus"],
+            [[s["stage"], s["backend"], (s["model"] or "-") + (" (dummy)" if s["dummy"] else ""), s["runs_as"],
+              s["batch_size"], s["concurrency"], s["num_cpus"], s["num_gpus"]] for s in plan["stages"]],
+        )
+    )
+    out.print(
+        _table(
+            f"work into {plan['output']}",
+            ["samples", "units (shards)", "shard size", "complete", "to do", "ray"],
+            [[plan["samples"], plan["units"], plan["shard_size"], len(plan["complete"]), plan["todo"],
+              plan["ray_address"] or "embedded"]],
+        )
+    )
+    if plan["same_plan_as_output"] is False:
+        out.print("[red]the output holds a different input plan: `granucap run` would refuse it[/red]")
+    out.print("dry run: nothing was started")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise a run (tables), optionally as a static HTML page with a gallery")
+    p.add_argument("run_dir", help="a granucap run directory")
+    p.add_argument("--html", metavar="DEST", default=None, help="write DEST/index.html with plots and a gallery")
+    p.add_argument("--gallery", type=int, default=24, help="images in the HTML gallery (default 24)")
+    p.add_argument("--top", type=int, default=15, help="rows in the reason and category tables")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    p.set_defaults(func=cmd_inspect)

@@ -1,0 +1,152 @@
+"""What the box exporters share: streaming a run's samples, image file names, the category vocabulary,
+and clipping boxes to their image.
+
+Everything streams: samples come shard by shard through webdataset, the vocabulary is counted from the
+parquet index (no image bytes), and a large output file (COCO json, Label Studio tasks) is assembled from
+temporary parts, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import pyarrow.parquet as pq
+
+from engine.export import complete_shards
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One ok sample of a run as it lies in its shard."""
+
+    shard: str  # shard stem, "000003"
+    stem: str  # webdataset key inside the shard (unique within it)
+    record: dict[str, Any]  # KEY.json: the record without image bytes
+    jpg: bytes
+
+    def image_name(self, ext: str = "jpg") -> str:
+        """Relative file name, one folder per shard (keeps folders small and names unique in the run)."""
+        return f"{self.shard}/{self.stem}.{ext}"
+
+
+def iter_samples(run_dir: str | Path) -> Iterator[Sample]:
+    """Every ok sample of the complete shards, in shard order, read with webdataset."""
+    import webdataset as wds
+
+    for path in complete_shards(run_dir):
+        for item in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+            yield Sample(path.stem, item["__key__"], json.loads(item["json"]), item["jpg"])
+
+
+def index_files(run_dir: str | Path) -> list[Path]:
+    """The index parts of the complete shards (the stats marker is written after both)."""
+    index = Path(run_dir) / "index"
+    return [index / f"{p.stem}.parquet" for p in complete_shards(run_dir) if (index / f"{p.stem}.parquet").is_file()]
+
+
+@dataclass(slots=True)
+class Vocabulary:
+    """Entity categories that carry at least one box in an ok sample, with ids in name order."""
+
+    names: list[str]  # sorted category names; class index = position
+    parents: dict[str, str]  # category -> its most frequent parent_category
+    boxes: Counter  # category -> number of boxes
+
+    def index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+def category_vocabulary(run_dir: str | Path) -> Vocabulary:
+    """Count categories from the parquet index, batch by batch (no images are read)."""
+    boxes: Counter = Counter()
+    parent_votes: dict[str, Counter] = {}
+    for path in index_files(run_dir):
+        for batch in pq.ParquetFile(path).iter_batches(columns=["status", "entities", "boxes"], batch_size=1024):
+            for row in batch.to_pylist():
+                if row["status"] != "ok":
+                    continue
+                entities = row["entities"] or []
+                for box in row["boxes"] or []:
+                    entity = entities[box["entity"]]
+                    name = entity["category"]
+                    boxes[name] += 1
+                    parent_votes.setdefault(name, Counter())[entity.get("parent_category") or ""] += 1
+    names = sorted(boxes)
+    parents = {n: min(parent_votes[n].items(), key=lambda kv: (-kv[1], kv[0]))[0] for n in names}
+    return Vocabulary(names=names, parents=parents, boxes=boxes)
+
+
+def clip_box(xyxy: list[float], width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The box clipped to the image; None when nothing of positive area is left."""
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    x0, x1 = max(0.0, min(x0, width)), max(0.0, min(x1, width))
+    y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
+    if x1 - x0 <= 0 or y1 - y0 <= 0:
+        return None
+    return x0, y0, x1, y1
+
+
+def entity_of(record: dict[str, Any], box: dict[str, Any]) -> dict[str, str]:
+    return record["entities"][box["entity"]]
+
+
+def write_image(root: Path, name: str, data: bytes) -> None:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+class PartFile:
+    """A temporary file next to its target that receives JSON items one by one (comma separated)."""
+
+    def __init__(self, target: Path, part: str) -> None:
+        self.path = target.with_name(f".{target.name}.{part}.tmp-{uuid.uuid4().hex[:8]}")
+        self.fh: IO[str] = open(self.path, "w", encoding="utf-8")
+        self.count = 0
+
+    def add(self, item: Any) -> None:
+        self.fh.write(("," if self.count else "") + "\n" + json.dumps(item, ensure_ascii=False))
+        self.count += 1
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def assemble_json(target: Path, head: dict[str, Any], parts: dict[str, PartFile], *, array: str | None = None) -> None:
+    """Write `target` as `head` plus one array per part (or, with `array`, the bare array of that part),
+    copying the parts' text without loading them; temp name + rename, parts deleted."""
+    tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            if array is not None:
+                _copy_array(out, parts[array])
+            else:
+                body = json.dumps(head, ensure_ascii=False, indent=1)[:-1].rstrip()  # drop the closing brace
+                out.write(body + ("," if head else ""))
+                for i, (name, part) in enumerate(parts.items()):
+                    out.write(f'\n "{name}": ')
+                    _copy_array(out, part)
+                    out.write("," if i < len(parts) - 1 else "\n")
+                out.write("}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    finally:
+        for part in parts.values():
+            part.path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_array(out: IO[str], part: PartFile) -> None:
+    part.close()
+    out.write("[")
+    with open(part.path, encoding="utf-8") as fh:
+        shutil.copyfileobj(fh, out)
+    out.write("\n]")

@@ -1,0 +1,72 @@
+"""YOLO detection dataset (the Ultralytics / Darknet layout):
+
+    DEST/images/train/{shard}/{key}.jpg
+    DEST/labels/train/{shard}/{key}.txt   one line per box: `class cx cy w h`, normalised to 0..1
+    DEST/data.yaml                        path, train, val, nc, names {0: cat, ...}
+    DEST/classes.txt                      the class names, one per line, line n = class n
+
+A label file sits where Ultralytics looks for it (`/images/` -> `/labels/`, suffix `.txt`). Classes are the
+entities' categories in name order. The whole corpus goes to `train`; `val` points at the same images so
+that the yaml is complete, split it yourself for a real validation set.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.export.common import category_vocabulary, clip_box, iter_samples, write_image
+from engine.stages.write import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+SPLIT = "train"
+
+
+def label_line(cls: int, xyxy: tuple[float, float, float, float], width: int, height: int) -> str:
+    x0, y0, x1, y1 = xyxy
+    cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+    return f"{cls} {cx:.6f} {cy:.6f} {(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}"
+
+
+def export_yolo(run_dir: Path, dest: Path) -> dict[str, Any]:
+    """Write images, one label file per image, data.yaml and classes.txt; returns a summary."""
+    dest.mkdir(parents=True, exist_ok=True)
+    vocab = category_vocabulary(run_dir)
+    classes = vocab.index()
+    images = boxes = dropped = 0
+    for sample in iter_samples(run_dir):
+        record = sample.record
+        w, h = record["width"], record["height"]
+        lines = []
+        for box in record["boxes"]:
+            clipped = clip_box(box["xyxy"], w, h)
+            if clipped is None:
+                dropped += 1
+                continue
+            lines.append(label_line(classes[record["entities"][box["entity"]]["category"]], clipped, w, h))
+        write_image(dest / "images" / SPLIT, sample.image_name(), sample.jpg)
+        write_image(dest / "labels" / SPLIT, sample.image_name("txt"), "".join(f"{line}\n" for line in lines).encode())
+        images += 1
+        boxes += len(lines)
+    data = {
+        "path": str(dest.resolve()),
+        "train": f"images/{SPLIT}",
+        "val": f"images/{SPLIT}",
+        "nc": len(vocab.names),
+        "names": dict(enumerate(vocab.names)),
+    }
+    atomic_write_bytes(dest / "data.yaml", yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
+    atomic_write_bytes(dest / "classes.txt", "".join(f"{n}\n" for n in vocab.names).encode())
+    log.info("yolo: %d images, %d boxes, %d classes", images, boxes, len(vocab.names))
+    return {
+        "format": "yolo",
+        "data_yaml": str(dest / "data.yaml"),
+        "images": images,
+        "boxes": boxes,
+        "classes": len(vocab.names),
+        "dropped_boxes": dropped,
+    }

@@ -1,0 +1,285 @@
+"""Look at a run, or at a run before it starts.
+
+- `summarize(run_dir)`: counts from the parquet index (every sample, rejected and failed ones too): status,
+  top reasons, boxes per image, score histogram, top categories and parent categories. Streams the index in
+  batches; no image is read.
+- `write_html(run_dir, dest)`: a static page with matplotlib plots (Agg, PNG) and a gallery of the first
+  ok samples with their boxes and labels drawn (PIL), filterable by category with a small inline script
+  (`page.html#category=NAME` opens it filtered).
+- `plan_summary(config, inputs, output)`: what `granucap run` would do (stages, backends, models,
+  resources, units, units already complete) without starting Ray.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from engine.export.common import index_files, iter_samples
+
+log = logging.getLogger(__name__)
+
+SCORE_BINS = 10  # score histogram over [0, 1] in bins of 0.1
+BOX_COLOUR = (255, 0, 255)  # magenta: used for nothing else on the page, so a screenshot can count it
+TOP = 15
+
+
+def summarize(run_dir: str | Path, *, top: int = TOP) -> dict[str, Any]:
+    """Counts of one run from its index; `top` limits the reason and category lists."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    status: Counter = Counter()
+    reasons: Counter = Counter()
+    boxes_per_image: Counter = Counter()
+    scores = [0] * SCORE_BINS
+    categories: Counter = Counter()
+    parents: Counter = Counter()
+    matched: Counter = Counter()
+    columns = ["status", "error", "entities", "boxes"]
+    for path in index_files(run_dir):
+        for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=1024):
+            for row in batch.to_pylist():
+                status[row["status"]] += 1
+                if row["status"] != "ok":
+                    error = row["error"] or {}
+                    reasons[f"{row['status']}: {error.get('stage')}/{error.get('kind')}"] += 1
+                    continue
+                entities = row["entities"] or []
+                boxes = row["boxes"] or []
+                boxes_per_image[len(boxes)] += 1
+                for box in boxes:
+                    scores[min(int(box["score"] * SCORE_BINS), SCORE_BINS - 1)] += 1
+                    entity = entities[box["entity"]]
+                    categories[entity["category"]] += 1
+                    parents[entity.get("parent_category") or "(none)"] += 1
+                    matched[box.get("matched") or "?"] += 1
+    ok = status.get("ok", 0)
+    n_boxes = sum(k * v for k, v in boxes_per_image.items())
+    return {
+        "run_dir": str(run_dir),
+        "pipeline": manifest.get("pipeline"),
+        "status": manifest.get("status"),
+        "dummy_models": bool(manifest.get("dummy_models")),
+        "units": manifest.get("units", {}),
+        "samples": sum(status.values()),
+        "ok": ok,
+        "rejected": status.get("rejected", 0),
+        "failed": status.get("failed", 0),
+        "reasons": reasons.most_common(top),
+        "boxes": n_boxes,
+        "boxes_per_image": {
+            "mean": n_boxes / ok if ok else 0.0,
+            "min": min(boxes_per_image) if boxes_per_image else 0,
+            "max": max(boxes_per_image) if boxes_per_image else 0,
+            "histogram": dict(sorted(boxes_per_image.items())),
+        },
+        "score_histogram": {f"{i / SCORE_BINS:.1f}-{(i + 1) / SCORE_BINS:.1f}": n for i, n in enumerate(scores)},
+        "matched": dict(matched),
+        "categories": len(categories),
+        "top_categories": categories.most_common(top),
+        "parent_categories": len(parents),
+        "top_parent_categories": parents.most_common(top),
+    }
+
+
+# --- the HTML page ----------------------------------------------------------------------------------
+
+
+def _plots(summary: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    def bar(name: str, title: str, labels: list[str], values: list[int], *, horizontal: bool = False) -> None:
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
+        if horizontal:
+            ax.barh(labels[::-1], values[::-1], color="#4c72b0")
+        else:
+            ax.bar(labels, values, color="#4c72b0")
+            ax.tick_params(axis="x", labelrotation=45)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png")
+        plt.close(fig)
+        made.append((f"plots/{name}.png", title))
+
+    bar("status", "samples by status", ["ok", "rejected", "failed"],
+        [summary["ok"], summary["rejected"], summary["failed"]])
+    hist = summary["boxes_per_image"]["histogram"]
+    bar("boxes_per_image", "boxes per image (ok samples)", [str(k) for k in hist], list(hist.values()))
+    bar("scores", "teacher score histogram", list(summary["score_histogram"]), list(summary["score_histogram"].values()))
+    if summary["top_categories"]:
+        names, counts = zip(*summary["top_categories"])
+        bar("categories", "top categories (boxes)", list(names), list(counts), horizontal=True)
+    if summary["top_parent_categories"]:
+        names, counts = zip(*summary["top_parent_categories"])
+        bar("parents", "top parent categories (boxes)", list(names), list(counts), horizontal=True)
+    return made
+
+
+def draw_boxes(jpg: bytes, record: dict[str, Any]):
+    """The image with its boxes and `category: phrase score` labels drawn in BOX_COLOUR."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.open(io.BytesIO(jpg)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for box in record["boxes"]:
+        entity = record["entities"][box["entity"]]
+        x0, y0, x1, y1 = box["xyxy"]
+        draw.rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=2)
+        label = f"{entity['category']} {box['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((x0 + 2, y0 + 1), label)
+        draw.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BOX_COLOUR)
+        draw.text((x0 + 2, y0 + 1), label, fill=(255, 255, 255))
+    return image
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>granucap · {title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 16px; color: #222; }}
+table {{ border-collapse: collapse; margin: 8px 0; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; }}
+.plots img {{ margin: 4px; border: 1px solid #ddd; }}
+.gallery {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+.gallery figure {{ margin: 0; width: 260px; }} .gallery img {{ width: 260px; }}
+figcaption {{ font-size: 11px; }}
+</style></head>
+<body>
+<h1>granucap run: {title}</h1>
+{note}
+<table>{counts}</table>
+<h2>Reasons (rejected / failed)</h2>
+<table>{reasons}</table>
+<h2>Plots</h2>
+<div class="plots">{plots}</div>
+<h2>Gallery</h2>
+<label>category <select id="category"><option value="">all ({n_gallery})</option>{options}</select></label>
+<span id="shown"></span>
+<div class="gallery">{figures}</div>
+<script>
+const select = document.getElementById("category");
+function apply() {{
+  let shown = 0;
+  for (const fig of document.querySelectorAll(".gallery figure")) {{
+    const ok = !select.value || fig.dataset.categories.split("|").includes(select.value);
+    fig.style.display = ok ? "" : "none";
+    shown += ok ? 1 : 0;
+  }}
+  document.getElementById("shown").textContent = shown + " shown";
+}}
+select.addEventListener("change", () => {{ location.hash = "category=" + encodeURIComponent(select.value); apply(); }});
+const wanted = new URLSearchParams(location.hash.slice(1)).get("category");
+if (wanted !== null) select.value = wanted;
+if (wanted !== null && select.value !== wanted) {{  // a category not in the gallery: show nothing
+  const opt = document.createElement("option"); opt.value = wanted; opt.textContent = wanted;
+  select.appendChild(opt); select.value = wanted;
+}}
+apply();
+</script>
+</body></html>
+"""
+
+
+def write_html(run_dir: str | Path, dest: str | Path, *, gallery: int = 24, summary: dict | None = None) -> Path:
+    """Write DEST/index.html with plots/ and gallery/; returns the page's path."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    summary = summary or summarize(run_dir)
+    plots = _plots(summary, dest / "plots")
+    figures, seen = [], Counter()
+    (dest / "gallery").mkdir(exist_ok=True)
+    for i, sample in enumerate(iter_samples(run_dir)):
+        if i >= gallery:
+            break
+        record = sample.record
+        name = f"gallery/{i:04d}.png"  # PNG: the box colour stays exact
+        draw_boxes(sample.jpg, record).save(dest / name)
+        cats = sorted({record["entities"][b["entity"]]["category"] for b in record["boxes"]})
+        seen.update(cats)
+        caption = record.get("factual_caption") or record.get("caption") or ""
+        figures.append(
+            f'<figure data-categories="{html.escape("|".join(cats))}"><img src="{name}" alt="{html.escape(record["key"])}">'
+            f"<figcaption><b>{html.escape(record['key'])}</b> · {len(record['boxes'])} boxes · "
+            f"{html.escape(', '.join(cats))}<br>{html.escape(caption[:160])}</figcaption></figure>"
+        )
+    counts = "".join(
+        f"<tr><th>{k}</th><td>{html.escape(str(summary[k]))}</td></tr>"
+        for k in ("pipeline", "samples", "ok", "rejected", "failed", "boxes", "categories", "parent_categories")
+    ) + f"<tr><th>boxes per image (mean)</th><td>{summary['boxes_per_image']['mean']:.2f}</td></tr>"
+    reasons = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>" for r, n in summary["reasons"]) or "<tr><td>none</td></tr>"
+    page = _PAGE.format(
+        title=html.escape(str(summary.get("pipeline") or run_dir.name)),
+        note="<p><b>Dummy (random-weight) models: boxes are random by design.</b></p>" if summary["dummy_models"] else "",
+        counts=counts,
+        reasons=reasons,
+        plots="".join(f'<img src="{src}" alt="{html.escape(t)}" width="450">' for src, t in plots),
+        n_gallery=len(figures),
+        options="".join(f'<option value="{html.escape(c)}">{html.escape(c)} ({n})</option>' for c, n in sorted(seen.items())),
+        figures="\n".join(figures),
+    )
+    path = dest / "index.html"
+    path.write_text(page, encoding="utf-8")
+    log.info("wrote %s (%d plots, %d gallery images)", path, len(plots), len(figures))
+    return path
+
+
+# --- the plan of a run that has not started ------------------------------------------------------------
+
+
+def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any]:
+    """What `granucap run` would do, from the config and a cheap count of the inputs; starts nothing."""
+    from dataclasses import asdict
+
+    from engine.io.readers import plan_units
+    from engine.models.loading import is_dummy
+    from engine.runner import check_stage_inputs, stage_names, uses_model
+    from engine.stages.write import completed_units
+
+    check_stage_inputs(config)
+    stages = []
+    for name in stage_names(config):
+        spec = getattr(config.stages, name)
+        model = getattr(spec, "model", None)
+        stages.append(
+            {
+                "stage": name,
+                "backend": getattr(spec, "backend", "-"),
+                "model": model,
+                "dummy": bool(model) and is_dummy(model),
+                "runs_as": "actor pool" if uses_model(name, config) else "tasks",
+                **spec.resources.model_dump(),
+            }
+        )
+    units = plan_units(inputs, shard_size=config.write.shard_size)
+    output = Path(output)
+    done = completed_units(output) if output.is_dir() else {}
+    plan_path = output / "plan.json"
+    same_plan = None
+    if plan_path.is_file():
+        same_plan = json.loads(plan_path.read_text()) == [asdict(u) for u in units]
+    return {
+        "pipeline": config.name,
+        "output": str(output),
+        "stages": stages,
+        "samples": sum(u.size for u in units),
+        "units": len(units),
+        "shard_size": config.write.shard_size,
+        "complete": sorted(u.index for u in units if u.index in done) if same_plan is not False else [],
+        "todo": sum(1 for u in units if u.index not in done) if same_plan is not False else len(units),
+        "same_plan_as_output": same_plan,  # None: no plan.json yet; False: `run` would refuse this output
+        "ray_address": config.ray.address,
+        "inputs": sorted({u.path for u in units}),
+    }

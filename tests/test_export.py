@@ -1,0 +1,227 @@
+"""Exporters, each read back by its consumer: pycocotools for COCO, HF datasets for the parquet index,
+webdataset for the shards, and the published formats for ODVG (Open-GroundingDino / mmdet ODVGDataset),
+YOLO (Ultralytics layout) and Label Studio (tasks with rectanglelabels predictions)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.fakerun import BOXES_OUT, CATEGORIES, OK_IMAGES, make_records, make_run
+from PIL import Image
+
+from engine.cli import main
+from engine.export import export
+from engine.export.common import clip_box
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("fake-run"))
+
+
+def expected_boxes() -> dict[str, list[tuple[tuple[float, ...], str, str, str]]]:
+    """key -> [(clipped xyxy, category, phrase, parent)] straight from the records, not from an exporter."""
+    out = {}
+    for r in make_records():
+        if r.ok:
+            rows = []
+            for b in r.boxes:
+                c = clip_box(b["xyxy"], r.width, r.height)
+                if c is not None:
+                    e = r.entities[b["entity"]]
+                    rows.append((c, e["category"], e["phrase"], e["parent_category"]))
+            out[r.key] = rows
+    return out
+
+
+def test_coco_loads_in_pycocotools_without_warnings_and_evaluates_to_ap_1(run_dir, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    summary = export("coco", run_dir, tmp_path)
+    assert (summary["images"], summary["annotations"], summary["dropped_boxes"]) == (OK_IMAGES, BOXES_OUT, 1)
+    out = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        warnings.simplefilter("always")
+        coco = COCO(str(tmp_path / "annotations.json"))
+    assert not caught, [str(w.message) for w in caught]
+    chatter = {"loading annotations into memory...", "creating index...", "index created!"}
+    assert all(line in chatter or line.startswith("Done (t=") for line in out.getvalue().splitlines()), out.getvalue()
+
+    cats = coco.loadCats(coco.getCatIds())
+    assert [c["name"] for c in cats] == CATEGORIES
+    assert {c["name"]: c["supercategory"] for c in cats}["remote control"] == "device"
+    expected = expected_boxes()
+    assert len(coco.getImgIds()) == OK_IMAGES
+    for image in coco.loadImgs(coco.getImgIds()):
+        with Image.open(tmp_path / image["file_name"]) as im:  # the image is there, at the stated size
+            assert im.size == (image["width"], image["height"])
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        want = expected[image["granucap_key"]]
+        assert len(anns) == len(want)
+        for ann, (xyxy, category, phrase, parent) in zip(anns, want):
+            x, y, w, h = ann["bbox"]
+            assert (x, y, x + w, y + h) == pytest.approx(xyxy, abs=0.02)
+            assert coco.loadCats(ann["category_id"])[0]["name"] == category
+            assert (ann["phrase"], ann["parent_category"]) == (phrase, parent)
+            assert 0 < ann["score"] <= 1 and ann["iscrowd"] == 0 and ann["area"] == pytest.approx(w * h, abs=0.1)
+
+    # The same file as detections (it carries scores) against itself: a consumer-side check that ids,
+    # boxes and categories are consistent. Perfect detections give AP 1.
+    with contextlib.redirect_stdout(io.StringIO()):
+        dets = coco.loadRes(coco.loadAnns(coco.getAnnIds()))
+        ev = COCOeval(coco, dets, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_coco_of_a_run_without_complete_shards_is_valid_and_empty(tmp_path):
+    from pycocotools.coco import COCO
+
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    (run / "manifest.json").write_text("{}")
+    assert export("coco", run, tmp_path / "out")["images"] == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(tmp_path / "out" / "annotations.json"))
+    assert coco.getImgIds() == [] and coco.getCatIds() == []
+
+
+def test_odvg_detection_matches_the_published_format(run_dir, tmp_path):
+    summary = export("odvg", run_dir, tmp_path)
+    assert summary["boxes"] == BOXES_OUT
+    label_map = json.loads((tmp_path / "label_map.json").read_text())
+    assert label_map == {str(i): c for i, c in enumerate(CATEGORIES)}  # keys "0".. as Open-GroundingDino wants
+    lines = [json.loads(line) for line in (tmp_path / "odvg.jsonl").read_text().splitlines()]
+    assert len(lines) == OK_IMAGES
+    got = []
+    for row in lines:
+        assert set(row) == {"filename", "height", "width", "detection"}
+        with Image.open(tmp_path / row["filename"]) as im:
+            assert im.size == (row["width"], row["height"])
+        for inst in row["detection"]["instances"]:
+            assert set(inst) == {"bbox", "label", "category"} and isinstance(inst["label"], int)
+            assert label_map[str(inst["label"])] == inst["category"]
+            x0, y0, x1, y1 = inst["bbox"]
+            # mmdet ODVGDataset drops boxes outside the image or under 1 px; none of ours may be dropped
+            assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"] and x1 - x0 >= 1 and y1 - y0 >= 1
+            got.append((tuple(inst["bbox"]), inst["category"]))
+    want = [(xyxy, cat) for rows in expected_boxes().values() for xyxy, cat, _, _ in rows]
+    assert [c for _, c in got] == [c for _, c in want]
+    assert [b for b, _ in got] == [pytest.approx(b, abs=0.01) for b, _ in want]
+
+
+def test_odvg_grounding_tokens_positive_point_at_the_phrase(run_dir, tmp_path):
+    export("odvg-grounding", run_dir, tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "odvg.jsonl").read_text().splitlines()]
+    regions = 0
+    for row in lines:
+        caption = row["grounding"]["caption"]
+        for region in row["grounding"]["regions"]:
+            assert set(region) == {"bbox", "phrase", "tokens_positive"} and len(region["bbox"]) == 4
+            for start, end in region["tokens_positive"]:
+                assert caption[start:end].lower() == region["phrase"].lower()
+            regions += 1
+    assert regions == BOXES_OUT
+    by_file = {row["filename"]: row["grounding"]["caption"] for row in lines}
+    # "tv remote control" is not in "A remote lies on the sofa.": appended, the original caption kept
+    assert "images/000000/img_0002.jpg" in by_file
+    assert by_file["images/000000/img_0002.jpg"] == "A remote lies on the sofa. tv remote control."
+
+
+def test_yolo_layout_labels_and_data_yaml(run_dir, tmp_path):
+    summary = export("yolo", run_dir, tmp_path)
+    assert (summary["images"], summary["boxes"]) == (OK_IMAGES, BOXES_OUT)
+    data = yaml.safe_load((tmp_path / "data.yaml").read_text())
+    assert data["nc"] == len(CATEGORIES) and data["names"] == dict(enumerate(CATEGORIES))
+    assert Path(data["path"]).is_absolute() and (Path(data["path"]) / data["train"]).is_dir()
+    assert (tmp_path / "classes.txt").read_text().splitlines() == CATEGORIES
+    images = sorted((tmp_path / data["train"]).rglob("*.jpg"))
+    assert len(images) == OK_IMAGES
+    expected = expected_boxes()
+    for image in images:
+        # Ultralytics finds a label file by replacing /images/ with /labels/ and the suffix with .txt
+        label = Path(str(image).replace("/images/", "/labels/")).with_suffix(".txt")
+        lines = label.read_text().splitlines()
+        with Image.open(image) as im:
+            w, h = im.size
+        key = "img/" + image.stem.split("_")[1]
+        assert len(lines) == len(expected[key])
+        for line, (xyxy, category, _, _) in zip(lines, expected[key]):
+            parts = line.split()
+            assert len(parts) == 5 and parts[0].isdigit()
+            cls, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:])
+            assert all(0 <= v <= 1 for v in (cx, cy, bw, bh))
+            assert CATEGORIES[cls] == category
+            back = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
+            assert back == pytest.approx(xyxy, abs=1e-3 * max(w, h))
+
+
+def test_labelstudio_tasks_with_percent_rectangles(run_dir, tmp_path):
+    summary = export("labelstudio", run_dir, tmp_path)
+    assert (summary["tasks"], summary["boxes"]) == (OK_IMAGES, BOXES_OUT)
+    config = ET.fromstring((tmp_path / "label_config.xml").read_text())
+    image_tag, rect_tag = config.find("Image"), config.find("RectangleLabels")
+    assert image_tag.get("value") == "$image"
+    assert [lab.get("value") for lab in rect_tag.findall("Label")] == CATEGORIES
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    assert isinstance(tasks, list) and len(tasks) == OK_IMAGES
+    expected = expected_boxes()
+    ids = set()
+    for task in tasks:
+        rel = task["data"]["image"].removeprefix("/data/local-files/?d=")
+        assert (tmp_path / rel).is_file()
+        (prediction,) = task["predictions"]
+        assert prediction["model_version"] == "fake-teacher" and 0 <= prediction["score"] <= 1
+        want = expected[task["data"]["key"]]
+        assert len(prediction["result"]) == len(want)
+        for result, (xyxy, category, phrase, _) in zip(prediction["result"], want):
+            assert result["type"] == "rectanglelabels"
+            assert result["from_name"] == rect_tag.get("name") and result["to_name"] == rect_tag.get("toName")
+            assert result["to_name"] == image_tag.get("name")
+            v, w, h = result["value"], result["original_width"], result["original_height"]
+            assert all(0 <= v[k] <= 100 for k in ("x", "y", "width", "height"))
+            assert v["x"] + v["width"] <= 100 + 1e-9 and v["y"] + v["height"] <= 100 + 1e-9
+            back = (v["x"] * w / 100, v["y"] * h / 100, (v["x"] + v["width"]) * w / 100, (v["y"] + v["height"]) * h / 100)
+            assert back == pytest.approx(xyxy, abs=1e-6)
+            assert v["rectanglelabels"] == [category] and phrase in result["meta"]["text"][0]
+            ids.add(result["id"])
+    assert len(ids) == BOXES_OUT  # result ids are unique
+
+
+def test_index_loads_with_hf_datasets_and_shards_with_webdataset(run_dir, tmp_path):
+    import datasets
+    import webdataset as wds
+
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(run_dir / "index" / "*.parquet"), split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert ds.num_rows == 6 and "image" not in ds.column_names
+    assert sorted(ds["status"]) == ["failed", "ok", "ok", "ok", "ok", "rejected"]
+    rejected = ds.filter(lambda r: r["status"] == "rejected")[0]
+    assert rejected["error"]["stage"] == "decode"
+    ok = ds.filter(lambda r: r["key"] == "img/0001")[0]
+    assert ok["entities"][1]["category"] == "dog" and len(ok["boxes"]) == 2
+
+    urls = [str(p) for p in sorted((run_dir / "shards").glob("*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == OK_IMAGES
+    for sample in samples:
+        assert sample["jpg"].size == (sample["json"]["width"], sample["json"]["height"])
+        assert sample["json"]["status"] == "ok" and sample["json"]["boxes"]
+
+
+def test_export_command_prints_its_summary(run_dir, tmp_path, capsys):
+    assert main(["export", "yolo", str(run_dir), str(tmp_path / "y")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "yolo" and summary["boxes"] == BOXES_OUT
+    assert main(["export", "coco", str(tmp_path / "nope"), str(tmp_path / "c")]) == 2  # not a run dir

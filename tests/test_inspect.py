@@ -1,0 +1,121 @@
+"""`granucap inspect` (summary, tables, HTML page checked in headless Chromium) and `granucap run --dry-run`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.fakerun import BOXES_IN, OK_IMAGES, make_run
+from PIL import Image
+
+from engine.cli import main
+from engine.inspect import BOX_COLOUR, plan_summary, summarize, write_html
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("fake-run"))
+
+
+def test_summary_counts_every_sample_from_the_index(run_dir):
+    s = summarize(run_dir)
+    assert (s["samples"], s["ok"], s["rejected"], s["failed"]) == (6, OK_IMAGES, 1, 1)
+    assert dict(s["reasons"]) == {"rejected: decode/undecodable_image": 1, "failed: ground/exception": 1}
+    assert s["boxes"] == BOXES_IN == sum(s["score_histogram"].values())
+    assert s["boxes_per_image"]["histogram"] == {2: 3, 3: 1} and s["boxes_per_image"]["mean"] == 9 / 4
+    assert s["score_histogram"]["0.9-1.0"] == 2 and s["score_histogram"]["0.1-0.2"] == 1
+    # the box wholly outside its image still counts here (the exporters drop it)
+    assert dict(s["top_categories"]) == {"cat": 3, "dog": 3, "remote control": 2, "table": 1}
+    assert dict(s["top_parent_categories"])["animal"] == 6 and s["matched"] == {"phrase": 7, "category": 2}
+
+
+def test_inspect_prints_tables_and_json(run_dir, capsys):
+    assert main(["inspect", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for text in ("top reasons", "decode/undecodable_image", "score histogram", "top categories", "remote control",
+                 "top parent categories", "furniture"):
+        assert text in out
+    assert main(["inspect", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] == OK_IMAGES
+
+
+def test_inspect_refuses_a_folder_that_is_not_a_run(tmp_path):
+    assert main(["inspect", str(tmp_path)]) == 2
+
+
+def _screenshot(page: Path, fragment: str, out: Path, tmp: Path) -> np.ndarray:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp / 'chromium-profile'}", f"--screenshot={out}", "--window-size=1200,2600",
+           f"{page.as_uri()}{fragment}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    return np.asarray(Image.open(out).convert("RGB")).astype(int)
+
+
+def _box_pixels(shot: np.ndarray) -> int:
+    r, g, b = shot[..., 0], shot[..., 1], shot[..., 2]
+    want = BOX_COLOUR
+    return int(((abs(r - want[0]) < 30) & (abs(g - want[1]) < 30) & (abs(b - want[2]) < 30)).sum())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (install.sh installs it)")
+def test_html_page_shows_plots_and_a_filterable_gallery_in_chromium(run_dir, tmp_path):
+    page = write_html(run_dir, tmp_path / "site")
+    assert sorted(p.name for p in (tmp_path / "site" / "plots").iterdir()) == [
+        "boxes_per_image.png", "categories.png", "parents.png", "scores.png", "status.png"]
+    assert len(list((tmp_path / "site" / "gallery").iterdir())) == OK_IMAGES
+
+    everything = _screenshot(page, "", tmp_path / "all.png", tmp_path)
+    only_table = _screenshot(page, "#category=table", tmp_path / "table.png", tmp_path)
+    nothing = _screenshot(page, "#category=no-such-thing", tmp_path / "none.png", tmp_path)
+    # The drawn boxes and their label tags are the only magenta on the page: many pixels with the whole
+    # gallery, fewer with one category's image, none once the filter hides every image.
+    assert _box_pixels(everything) > 2000
+    assert 200 < _box_pixels(only_table) < _box_pixels(everything)
+    assert _box_pixels(nothing) == 0
+    # The page without the gallery is not blank: the plots (matplotlib's blue bars) are there.
+    blue = (abs(nothing[..., 0] - 0x4C) < 20) & (abs(nothing[..., 1] - 0x72) < 20) & (abs(nothing[..., 2] - 0xB0) < 20)
+    assert blue.sum() > 5000
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(demo_input, tmp_path, monkeypatch, capsys):
+    import engine.runner
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("--dry-run must not start Ray")
+
+    monkeypatch.setattr(engine.runner, "_ray_init", no_ray)
+    out_dir = tmp_path / "out"
+    argv = ["run", "pipelines/smoke.yaml", "-i", str(demo_input), "-o", str(out_dir), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for text in ("decode", "recaption", "tiny:llava", "actor pool", "ground", "filter", "dry run: nothing was started"):
+        assert text in out
+    assert not out_dir.exists()  # nothing written either
+
+
+def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
+    from engine.config import load_config
+    from engine.io.readers import plan_units
+
+    config = load_config("pipelines/smoke.yaml", ["write.shard_size=4"])
+    units = plan_units([str(demo_input)], shard_size=4)
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    (out / "plan.json").write_text(json.dumps([asdict(u) for u in units]))
+    (out / "shards" / "000001.stats.json").write_text(json.dumps({"unit": 1, "read": 4}))
+    plan = plan_summary(config, [str(demo_input)], out)
+    assert (plan["samples"], plan["units"], plan["complete"], plan["todo"]) == (12, 4, [1], 3)
+    assert plan["same_plan_as_output"] is True
+    assert [s["stage"] for s in plan["stages"]] == ["decode", "recaption", "extract", "ground", "filter"]
+    assert {s["stage"]: s["runs_as"] for s in plan["stages"]}["ground"] == "actor pool"
+    other = plan_summary(config.model_copy(update={"write": config.write.model_copy(update={"shard_size": 5})}),
+                         [str(demo_input)], out)
+    assert other["same_plan_as_output"] is False and other["complete"] == []
