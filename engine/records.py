@@ -19,7 +19,8 @@ STATUSES: tuple[str, ...] = ("ok", "rejected", "failed")
 ENTITY_TYPE = pa.struct(
     [("phrase", pa.string()), ("category", pa.string()), ("parent_category", pa.string())]
 )
-# Box: pixel xyxy in the decoded image, teacher score, index into `entities`, which field matched.
+# Box: pixel xyxy in the decoded image, teacher score, index into `entities`, and what matched:
+# 'phrase' | 'category' (text prompts, DetCLIPv3 rule) or 'exemplar' (a visual exemplar of the category).
 BOX_TYPE = pa.struct(
     [
         ("xyxy", pa.list_(pa.float64(), 4)),

@@ -266,7 +266,8 @@ def describe_models(config: PipelineConfig) -> dict[str, Any]:
     for name in (n for n in stage_names(config) if n in MODEL_STAGES):
         spec = getattr(config.stages, name)
         model = getattr(spec, "model", None)
-        out[name] = {"backend": spec.backend, "model": model, "dummy_weights": bool(model) and is_dummy(model)}
+        dummy = bool(model) and (is_dummy(model) or bool(getattr(spec, "dummy_weights", False)))
+        out[name] = {"backend": spec.backend, "model": model, "dummy_weights": dummy}
     return out
 
 

@@ -48,7 +48,13 @@ class TransformersGrounding:
         if opts.get("num_threads"):  # CPU: match the CPUs Ray gave this actor; oversubscription is ~100x slower
             torch.set_num_threads(int(opts["num_threads"]))
         self.dtype = pick_dtype(opts.get("dtype", "auto"), self.device)
-        self.path = resolve_model(spec.model, opts.get("cache_dir"))
+        self.dummy_weights = bool(opts.get("dummy_weights", False))
+        if self.dummy_weights:
+            from engine.models.dummy import dummy_source
+
+            self.path = dummy_source(spec.model, opts.get("cache_dir"))
+        else:
+            self.path = resolve_model(spec.model, opts.get("cache_dir"))
         config = AutoConfig.from_pretrained(self.path)
         if config.model_type in GDINO_TYPES:
             self.family = "gdino"
@@ -61,9 +67,15 @@ class TransformersGrounding:
                              f"(supported: {', '.join(sorted(GDINO_TYPES | OWL_TYPES))})")
         self.processor = AutoProcessor.from_pretrained(self.path)
         self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, dtype=self.dtype)
+        if self.dummy_weights:
+            from engine.models.dummy import build_dummy_model
+
+            self.model = build_dummy_model(AutoModelForZeroShotObjectDetection, self.path, self.dtype)
+        else:
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, dtype=self.dtype)
         self.model.to(self.device).eval()
-        log.info("loaded %s (%s) on %s/%s", self.model_id, config.model_type, self.device, self.dtype)
+        log.info("loaded %s (%s%s) on %s/%s", self.model_id, config.model_type,
+                 ", dummy weights" if self.dummy_weights else "", self.device, self.dtype)
 
     def count_tokens(self, text: str) -> int:
         """Tokens `text` takes in the text encoder, specials included; for OWL the longest of its labels."""

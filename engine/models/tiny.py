@@ -199,6 +199,24 @@ def build_owlv2(directory: Path) -> None:
     _save(model, directory, processor)
 
 
+def build_clip(directory: Path) -> None:
+    """CLIP (for box re-scoring): tiny text and vision towers, 32 px images, OWL-style WordPiece tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = _wordpiece_fast(extra_special=(OWL_BOS, OWL_EOS), bos=OWL_BOS, eos=OWL_EOS, post_process=True,
+                          model_max_length=16, padding_side="right")
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    _save(model, directory, CLIPProcessor(image_processor=image_processor, tokenizer=tok))
+
+
 def build_llama_chat(directory: Path) -> None:
     """Text-only chat LM: Llama, hidden 128, 4 heads, 2 layers, WordPiece tokenizer with a chat template."""
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -264,6 +282,7 @@ def _vision_keys_for_vllm(path: Path) -> None:
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "grounding-dino": build_grounding_dino,
     "owlv2": build_owlv2,
+    "clip": build_clip,
     "llama-chat": build_llama_chat,
     "llava": build_llava,
 }

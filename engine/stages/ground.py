@@ -3,7 +3,12 @@
 Prompts are GLIP style ("a. b. c."), deduplicated, and split into several prompts when they pass the text
 encoder's token limit. A box is given the whole entity when its phrase or its category matched (DetCLIPv3),
 and records which field matched. When one text belongs to several entities, a phrase match wins over a
-category match, then the first entity in caption order.
+category match, then the first entity in caption order. A box passes its field's threshold
+(`phrase_threshold` / `category_threshold`, else `box_threshold`).
+
+Optional: CLIP re-scoring of the kept boxes (engine/rescore.py; thresholds apply to the detector score
+before it, the filter's `min_score` to the score after it) and visual exemplars (engine/exemplars.py),
+whose boxes go to the first entity of the exemplar's category with `matched="exemplar"`.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ def match_label(label: str, candidates: list[str]) -> str | None:
 
 
 class Ground(Stage):
+    """Teacher boxes for each sample's entities; optional CLIP re-scoring and exemplar boxes (see module doc)."""
+
     name = "ground"
     requires = ("image", "entities")
     provides = ("boxes",)
@@ -90,20 +97,48 @@ class Ground(Stage):
         super().__init__(spec)
         self.cache_dir = cache_dir
         self.backend: GroundingBackend | None = None
-        self._params = json.dumps(
-            {"box_threshold": spec.box_threshold, "text_threshold": spec.text_threshold}, sort_keys=True
-        )
+        self.rescorer = None
+        self.exemplars = None
+        self.thresholds = {
+            "phrase": spec.box_threshold if spec.phrase_threshold is None else spec.phrase_threshold,
+            "category": spec.box_threshold if spec.category_threshold is None else spec.category_threshold,
+        }
+        params = {"box_threshold": spec.box_threshold, "text_threshold": spec.text_threshold}
+        if spec.phrase_threshold is not None or spec.category_threshold is not None:
+            params.update({f"{k}_threshold": v for k, v in self.thresholds.items()})
+        if spec.rescore.enabled:
+            params["rescore"] = spec.rescore.model
+        if spec.exemplars.dir:
+            params["exemplars"] = {"dir": spec.exemplars.dir, "model": spec.exemplars.model,
+                                   "threshold": spec.exemplars.threshold}
+        self._params = json.dumps(params, sort_keys=True)
+        self._dummy = spec.dummy_weights or is_dummy(spec.model)
 
     def setup(self) -> None:
         spec: GroundSpec = self.spec
         options = {
-            "box_threshold": spec.box_threshold,
+            # The backend keeps everything above the lowest threshold; `process` applies each field's own.
+            "box_threshold": min(self.thresholds.values()),
             "text_threshold": spec.text_threshold,
+            "batch_size": spec.forward_batch_size,
+            "dummy_weights": spec.dummy_weights,
             "dtype": spec.dtype,
             "device": spec.device,
             "cache_dir": self.cache_dir,
         }
         self.backend = make_grounding_backend(spec.backend, BackendSpec(model=spec.model, options=options))
+        if spec.rescore.enabled:
+            from engine.rescore import ClipRescorer
+
+            self.rescorer = ClipRescorer(spec.rescore.model, cache_dir=self.cache_dir, device=spec.device,
+                                         dtype=spec.dtype, batch_size=spec.rescore.batch_size)
+        if spec.exemplars.dir:
+            from engine.exemplars import ExemplarDetector
+
+            ex = spec.exemplars
+            self.exemplars = ExemplarDetector(ex.dir, model=ex.model, threshold=ex.threshold, nms_iou=ex.nms_iou,
+                                              cache_dir=self.cache_dir, device=spec.device, dtype=spec.dtype,
+                                              batch_size=spec.forward_batch_size)
 
     def process(self, records: list[Record]) -> None:
         assert self.backend is not None
@@ -120,26 +155,54 @@ class Ground(Stage):
             prompts.append(plan.prompts)
             plans.append(plan)
         results = self.backend.detect(images, prompts) if todo else []
-        teacher = self.backend.model_id
-        for record, plan, detections in zip(todo, plans, results):
+        texts: list[list[str]] = [[] for _ in todo]  # each box's matched text, for re-scoring
+        for k, (record, plan, detections) in enumerate(zip(todo, plans, results)):
             for det in detections:
                 text = match_label(det.label, plan.prompt_texts[det.prompt_index])
                 if text is None:
                     continue
                 entity, field = plan.owners[text]
-                record.boxes.append(
-                    {
-                        "xyxy": [float(v) for v in det.xyxy],
-                        "score": float(det.score),
-                        "entity": entity,
-                        "matched": field,
-                        "teacher": teacher,
-                    }
-                )
+                if det.score <= self.thresholds[field]:
+                    continue
+                record.boxes.append(_box(det.xyxy, det.score, entity, field, self.backend.model_id))
+                texts[k].append(text)
+        if self.rescorer is not None:
+            self._rescore(todo, images, plans, texts)
+        if self.exemplars is not None:
+            self._add_exemplar_boxes(todo, images)
         for record in records:
-            record.stamp(
-                self.name,
-                spec.backend,
-                model=spec.model + (" (dummy weights)" if is_dummy(spec.model) else ""),
-                params=self._params,
-            )
+            record.stamp(self.name, spec.backend, model=spec.model + (" (dummy weights)" if self._dummy else ""),
+                         params=self._params)
+
+    def _rescore(self, records: list[Record], images: list, plans: list[PromptPlan],
+                 texts: list[list[str]]) -> None:
+        """score <- sqrt(score * CLIP prob of the box's text among the sample's texts), YOLO-World style."""
+        from engine.rescore import Crop, combine
+
+        crops = [Crop(k, tuple(box["xyxy"]), plans[k].texts.index(text))
+                 for k, record in enumerate(records) for box, text in zip(record.boxes, texts[k])]
+        probs = iter(self.rescorer.probs(images, [p.texts for p in plans], crops))
+        for record in records:
+            for box in record.boxes:
+                box["score"] = combine(box["score"], next(probs))
+
+    def _add_exemplar_boxes(self, records: list[Record], images: list) -> None:
+        """Boxes found by a category's exemplar crops go to the first entity of that category."""
+        folder = {normalize_text(name): name for name in self.exemplars.categories}
+        owners, wanted = [], []
+        for record in records:
+            owner: dict[str, int] = {}
+            for i, entity in enumerate(record.entities):
+                name = folder.get(normalize_text(entity.get("category") or ""))
+                if name is not None:
+                    owner.setdefault(name, i)
+            owners.append(owner)
+            wanted.append(list(owner))
+        for record, owner, found in zip(records, owners, self.exemplars.detect(images, wanted)):
+            for ex in found:
+                record.boxes.append(_box(ex.xyxy, ex.score, owner[ex.category], "exemplar", self.exemplars.model_id))
+
+
+def _box(xyxy, score: float, entity: int, matched: str, teacher: str) -> dict:
+    return {"xyxy": [float(v) for v in xyxy], "score": float(score), "entity": entity, "matched": matched,
+            "teacher": teacher}
