@@ -95,7 +95,7 @@ def test_stream_reads_complete_shards_only(tmp_path):
         expected = torch.tensor([b["xyxy"] for b in record["boxes"]], dtype=torch.float32)
         assert torch.equal(sample.boxes, expected)
         assert sample.concepts == [record["entities"][b["entity"]]["category"] for b in record["boxes"]]
-        assert set(sample.positives) == {e[f] for e in record["entities"] for f in ("phrase", "category")}
+        assert sample.phrases == [record["entities"][b["entity"]]["phrase"] for b in record["boxes"]]
 
 
 def test_stream_shuffle_is_seeded_and_complete(tmp_path):
@@ -133,13 +133,13 @@ def test_collate_labels(tmp_path, processor):
         back = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
                             (cy + h / 2) * height], -1)
         assert torch.allclose(back, sample.boxes, atol=1e-3)
-        # a box's class label is the position of its concept among the prompt's phrases
-        _, spans = build_prompt([*sample.concepts, *sample.positives])
+        # without an rng the prompt is the box categories in order; a label is its concept's position there
+        _, spans = build_prompt(sample.concepts)
         assert [list(spans)[i] for i in target["class_labels"].tolist()] == sample.concepts
 
 
 def test_fixed_loss_one_hot_uses_cumulative_offsets():
-    from detector.train import _ImageLoss
+    from detector.loss import _ImageLoss
 
     # three images with 2, 3 and 1 phrases over an 8-token text axis
     label_maps = (torch.eye(8)[:2].long(), torch.eye(8)[2:5].long(), torch.eye(8)[5:6].long())
@@ -153,31 +153,3 @@ def test_fixed_loss_one_hot_uses_cumulative_offsets():
         expected = label_maps[image][target["class_labels"][0]]
         assert torch.equal(onehot[image, 0], expected)
         assert int(onehot[image, 1:].sum()) == 0
-
-
-@pytest.mark.slow
-def test_training_reduces_loss_and_saves(tmp_path, tiny_gdino):
-    from transformers import AutoModelForZeroShotObjectDetection
-
-    from detector.train import train
-
-    run = tmp_path / "run"
-    write_run(run, shard_sizes=(4,), extra_incomplete=False)
-    out = tmp_path / "student"
-    result = train(shards=run, out=out, model=tiny_gdino, steps=80, batch_size=2, lr=1e-3, seed=0)
-    assert result["steps"] == 80
-    # seeds 0-5 give 0.07-0.10: most of the drop is the focal loss leaving its random-init start
-    assert result["mean_loss_last_10"] < 0.5 * result["mean_loss_first_10"], result
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == list(range(1, 81))
-    # learning past that first collapse too: steps 71-80 vs 11-20 give 0.19-0.33 over seeds 0-5
-    later = [entry["loss"] for entry in log]
-    assert sum(later[-10:]) < 0.6 * sum(later[10:20]), later
-    assert (out / "model.safetensors").is_file()
-
-    trained = AutoModelForZeroShotObjectDetection.from_pretrained(out)
-    initial = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_gdino)
-    before, after = initial.state_dict(), trained.state_dict()
-    assert before.keys() == after.keys()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert len(changed) > len(before) // 2

