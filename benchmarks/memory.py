@@ -17,6 +17,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=300, help="samples at 1x")
     parser.add_argument("--factor", type=int, default=10)
+    parser.add_argument("--breakdown", action="store_true", help="print each process's RSS at the peak")
+    parser.add_argument("--set", action="append", default=[], metavar="A.B=C", help="extra config override")
     args = parser.parse_args()
     from engine.demo import write_demo_input
 
@@ -29,11 +31,16 @@ def main() -> None:
             write_demo_input(tmp / f"in{factor}", samples=n, per_tar=500, seed=0)
             run = run_cli(["run", "pipelines/smoke.yaml", "-i", str(tmp / f"in{factor}"), "-o", str(tmp / f"out{factor}"),
                            "-q", "--set", f"cache_dir={cache}", "--set", "stages.recaption.backend=passthrough",
-                           "--set", "stages.extract.backend=nltk", "--set", "write.shard_size=100"])
+                           "--set", "stages.extract.backend=nltk", "--set", "write.shard_size=100",
+                           *sum((["--set", o] for o in args.set), [])])
             if run["returncode"] != 0:
                 raise SystemExit(run["stderr"][-3000:])
             input_mb = sum(p.stat().st_size for p in (tmp / f"in{factor}").iterdir()) / 2**20
             rows.append((factor, n, input_mb, run["peak_rss"] / 2**20, run["seconds"]))
+            if args.breakdown:
+                print(f"processes at the peak of the {factor}x run (MiB):")
+                for title, rss in sorted(run["at_peak"].items(), key=lambda kv: -kv[1]):
+                    print(f"  {rss / 2**20:8.0f}  {title}")
     print(f"{'size':>6}{'samples':>9}{'input MiB':>11}{'peak RSS MiB':>14}{'seconds':>9}")
     for factor, n, mb, rss, sec in rows:
         print(f"{str(factor) + 'x':>6}{n:>9}{mb:>11.1f}{rss:>14.0f}{sec:>9.1f}")

@@ -58,8 +58,11 @@ class VllmOptions(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=16)
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # True: skip torch.compile / CUDA graphs (starts ~2x faster, runs slower)
     dtype: str = "auto"
+    # xgrammar let raw control characters into length-bounded strings (ENVIRONMENT.md); guidance did not.
+    structured_outputs_backend: Literal["guidance", "xgrammar", "outlines", "auto"] = "guidance"
+    cpu_kv_cache_gb: int | None = Field(None, ge=1)  # CPU only: VLLM_CPU_KVCACHE_SPACE; None: vLLM's default
 
 
 
@@ -171,6 +174,14 @@ class FilterSpec(_Strict):
     resources: Resources = Resources(batch_size=64)
 
 
+class ReadSpec(_Strict):
+    """The read tasks that stream work units out of the input files."""
+
+    concurrency: int = Field(2, ge=1)  # read tasks at once; more only fill the object store faster
+    num_cpus: float = Field(0.25, gt=0)
+    chunk_rows: int = Field(64, ge=1)  # rows per block handed to the decode stage
+
+
 class WriteSpec(_Strict):
     shard_size: int = Field(1000, ge=1)  # samples per work unit and output shard
 
@@ -196,6 +207,7 @@ class PipelineConfig(_Strict):
     seed: int = 0
     cache_dir: str | None = None  # where tiny models are built; default ~/.cache/granucap
     stages: StagesSpec
+    read: ReadSpec = ReadSpec()
     write: WriteSpec = WriteSpec()
     ray: RaySpec = RaySpec()
 

@@ -44,6 +44,16 @@ ENTITIES_JSON_SCHEMA: dict[str, Any] = {
 }
 
 
+def bounded_entities_schema(*, max_entities: int, max_chars: int) -> dict[str, Any]:
+    """ENTITIES_JSON_SCHEMA tightened to a stage's own caps: the model is told the bounds `normalize_entities`
+    applies anyway, and a constrained decoder's longest possible answer (what max_tokens must cover) shrinks."""
+    item = ENTITIES_JSON_SCHEMA["properties"]["entities"]["items"]
+    fields = {name: {**spec, "maxLength": min(spec["maxLength"], max_chars)} for name, spec in item["properties"].items()}
+    entities = {**ENTITIES_JSON_SCHEMA["properties"]["entities"], "maxItems": min(MAX_ITEMS, max_entities),
+                "items": {**item, "properties": fields}}
+    return {**ENTITIES_JSON_SCHEMA, "properties": {"entities": entities}}
+
+
 class EntityFormatError(ValueError):
     """An LLM entity answer that is not one schema-valid JSON object."""
 

@@ -33,7 +33,6 @@ from engine.stages.write import ShardWriter, atomic_write_bytes, clean_temporari
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 64  # rows per block coming out of the read tasks
 STAGE_ORDER = ("decode", "recaption", "extract", "ground", "filter")
 FUSED_ORDER = ("decode", "annotate", "ground", "filter")
 MODEL_STAGES = ("recaption", "extract", "annotate", "ground")
@@ -105,17 +104,19 @@ def run_stage_locally(records: list[Record], config: PipelineConfig) -> list[Rec
 
 
 def uses_model(name: str, config: PipelineConfig) -> bool:
-    """Whether a stage loads a model (runs in an actor pool) or is plain CPU work (runs as tasks)."""
+    """Whether a stage loads something heavy once (a model, or WordNet + the tagger for `nltk`) and so runs
+    in an actor pool, or is plain CPU work that runs as tasks. As tasks, every worker process that ever ran
+    the nltk extractor would keep its own copy of WordNet (~400 MB each)."""
     backend = getattr(getattr(config.stages, name), "backend", None)
-    return name in MODEL_STAGES and backend not in ("passthrough", "nltk")
+    return name in MODEL_STAGES and backend != "passthrough"
 
 
-def _read_units(batch: pa.Table) -> Iterator[pa.Table]:
+def _read_units(batch: pa.Table, *, chunk_rows: int) -> Iterator[pa.Table]:
     for row in batch.to_pylist():
         rows: list[Record] = []
         for record in read_unit(Unit(**row)):
             rows.append(record)
-            if len(rows) == READ_CHUNK:
+            if len(rows) == chunk_rows:
                 yield to_table(rows)
                 rows = []
         if rows:
@@ -191,7 +192,14 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
     ctx.enable_progress_bars = False
     config_json = config.model_dump_json()
     ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(len(units), 1))
-    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    ds = ds.map_batches(
+        _read_units,
+        fn_kwargs={"chunk_rows": config.read.chunk_rows},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=config.read.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=config.read.concurrency),
+    )
     for name in stage_names(config):
         spec = getattr(config.stages, name)
         res: Resources = spec.resources

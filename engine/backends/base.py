@@ -84,6 +84,7 @@ class BackendSpec:
 CHAT_BACKENDS: dict[str, str] = {
     "transformers": "engine.backends.transformers_chat:TransformersChat",
     "openai": "engine.backends.openai_chat:OpenAIChat",
+    "vllm": "engine.backends.vllm_chat:VllmChat",
 }
 GROUNDING_BACKENDS: dict[str, str] = {
     "transformers": "engine.backends.transformers_grounding:TransformersGrounding",

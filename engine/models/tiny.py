@@ -104,6 +104,30 @@ def _chat_tokenizer(*, with_image: bool) -> Any:
     return tok
 
 
+def _byte_level_chat_tokenizer() -> Any:
+    """Byte-level BPE (the GPT-2 / Llama 3 kind) trained on the BERT vocab's words, with the chat template.
+
+    vLLM's `guidance` structured-output backend only takes byte-level or byte-fallback vocabularies (it
+    rejects WordPiece), and real chat LLMs have one; 4096 merges keep the model tiny. Training is deterministic.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, pad = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+    words = [w for w in _load_vocab() if not w.startswith(("[", "##"))]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=[bos, eos, pad, *ROLE_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([" ".join(words[i:i + 64]) for i in range(0, len(words), 64)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad,
+                                  model_max_length=2048, padding_side="left")
+    tok.add_special_tokens({"additional_special_tokens": list(ROLE_TOKENS)})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def _padded_vocab(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
@@ -231,6 +255,19 @@ def build_llama_chat(directory: Path) -> None:
     _save(model, directory, tok)
 
 
+def build_llama_chat_bpe(directory: Path) -> None:
+    """`llama-chat` with a byte-level BPE tokenizer: what vLLM structured outputs (guidance) need."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    tok = _byte_level_chat_tokenizer()
+    model = LlamaForCausalLM(_llama_config(tok))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        do_sample=False,
+    )
+    _save(model, directory, tok)
+
+
 def build_llava(directory: Path) -> None:
     """VLM: LLaVA with a tiny CLIP vision tower (32 px, 8 px patches -> 16 image tokens) and tiny Llama."""
     from transformers import (
@@ -284,6 +321,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "owlv2": build_owlv2,
     "clip": build_clip,
     "llama-chat": build_llama_chat,
+    "llama-chat-bpe": build_llama_chat_bpe,
     "llava": build_llava,
 }
 

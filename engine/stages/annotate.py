@@ -12,7 +12,8 @@ import json
 from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, chat_backend_options, make_chat_backend
 from engine.backends.base import usage_of
 from engine.config import AnnotateSpec
-from engine.entities import ENTITIES_JSON_SCHEMA, EntityFormatError, extract_noun_phrase_entities
+from engine.entities import ENTITIES_JSON_SCHEMA, EntityFormatError, bounded_entities_schema
+from engine.entities import extract_noun_phrase_entities
 from engine.entities import normalize_entities, parse_entities_json
 from engine.prompts import Prompt, load_prompt
 from engine.records import Record
@@ -22,7 +23,7 @@ from engine.stages.recaption import model_label
 
 
 def annotate_request(prompt: Prompt, system: Prompt, *, caption: str, image=None, max_tokens: int = 384,
-                     temperature: float = 0.0) -> ChatRequest:
+                     temperature: float = 0.0, schema: dict | None = None) -> ChatRequest:
     """The request of the fused annotator; `export sft` writes training conversations with the same text."""
     return ChatRequest(
         messages=[
@@ -32,7 +33,7 @@ def annotate_request(prompt: Prompt, system: Prompt, *, caption: str, image=None
         image=image,
         max_tokens=max_tokens,
         temperature=temperature,
-        json_schema=ENTITIES_JSON_SCHEMA,
+        json_schema=schema or ENTITIES_JSON_SCHEMA,
     )
 
 
@@ -47,6 +48,8 @@ class Annotate(Stage):
         self.prompt = load_prompt(spec.prompt)
         self.system = load_prompt("system")
         self.backend: ChatBackend | None = None
+        # the stage's own caps as schema bounds: a constrained decoder's longest answer must fit max_tokens
+        self.schema = bounded_entities_schema(max_entities=spec.max_entities, max_chars=spec.max_phrase_chars)
         self._params = {"max_tokens": spec.max_tokens, "temperature": spec.temperature,
                         "max_entities": spec.max_entities, "fallback": spec.fallback}
 
@@ -68,7 +71,7 @@ class Annotate(Stage):
             image.thumbnail((spec.image_max_side, spec.image_max_side))
             requests.append(annotate_request(self.prompt, self.system, caption=record.raw_caption or "",
                                              image=image, max_tokens=spec.max_tokens,
-                                             temperature=spec.temperature))
+                                             temperature=spec.temperature, schema=self.schema))
         results = self.backend.generate(requests)
         for record, result in zip(records, results, strict=True):
             record.caption = record.raw_caption

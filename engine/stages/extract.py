@@ -20,8 +20,8 @@ from engine.backends.base import (
 )
 from engine.config import ExtractSpec
 from engine.entities import (
-    ENTITIES_JSON_SCHEMA,
     EntityFormatError,
+    bounded_entities_schema,
     extract_noun_phrase_entities,
     is_none_answer,
     normalize_entities,
@@ -46,6 +46,7 @@ class Extract(Stage):
         self.factual = load_prompt(spec.factual_prompt) if llm and spec.factual_prompt else None
         self.entities = load_prompt(spec.entities_prompt) if llm else None
         self.backend: ChatBackend | None = None
+        self.schema = bounded_entities_schema(max_entities=spec.max_entities, max_chars=spec.max_phrase_chars)
         self._params = {
             "max_tokens": spec.max_tokens,
             "temperature": spec.temperature,
@@ -108,7 +109,7 @@ class Extract(Stage):
         # (b) entities from the factual caption; no factual content means no entities
         todo = [r for r in records if r.ok and r.factual_caption]
         results = self.backend.generate(
-            [self._request(self.entities, r.factual_caption or "", schema=ENTITIES_JSON_SCHEMA) for r in todo]
+            [self._request(self.entities, r.factual_caption or "", schema=self.schema) for r in todo]
         )
         for record, result in zip(todo, results, strict=True):
             used[id(record)].append(result)
