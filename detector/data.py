@@ -1,15 +1,18 @@
 """Student data: stream GranuCap shards into (image, boxes, concepts) samples and Grounding DINO batches.
 
-A box's concept is its entity's `category` in this first version (DetCLIPv3 trains on phrase and category;
-the phrase of every boxed entity is still put in the prompt, so it is seen as text but supervises no box).
-Negative concepts from the corpus dictionary (DetCLIPv2) come later.
+A box is named by its entity's category or phrase (DetCLIPv3 trains on both); the prompt holds the sample's
+positive concepts plus negative concepts drawn from the corpus' concept dictionary (DetCLIPv2, T-Rex2),
+capped to the text encoder's token limit, in shuffled order.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import random
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,12 +30,12 @@ _UNSAFE = re.compile(r"[.?\[\]]")
 
 
 class Sample(NamedTuple):
-    """One training sample: RGB image, boxes (n, 4) xyxy pixels, one concept per box, prompt concepts."""
+    """One training sample: RGB image, boxes (n, 4) xyxy pixels, and per box its entity's category and phrase."""
 
     image: Image.Image
     boxes: torch.Tensor
-    concepts: list[str]
-    positives: list[str]
+    concepts: list[str]  # per box: the entity's category (its phrase when the category is empty)
+    phrases: list[str]  # per box: the entity's phrase (its category when the phrase is empty)
     key: str
 
 
@@ -60,31 +63,35 @@ def record_to_sample(*, image: Image.Image, record: dict[str, Any]) -> Sample:
     """Turn a decoded shard member pair into a `Sample`; boxes are clipped to the image, empty ones dropped."""
     width, height = image.size
     entities = record.get("entities") or []
-    boxes, concepts, positives = [], [], []
+    boxes, concepts, phrases = [], [], []
     for box in record.get("boxes") or []:
         index = box.get("entity")
         if index is None or not 0 <= index < len(entities):
             logger.warning("%s: box points to entity %r of %d, dropped", record.get("key"), index, len(entities))
             continue
         entity = entities[index]
-        concept = normalize_concept(entity.get("category") or "") or normalize_concept(entity.get("phrase") or "")
+        category = normalize_concept(entity.get("category") or "")
+        phrase = normalize_concept(entity.get("phrase") or "")
         x0, y0, x1, y1 = (float(v) for v in box["xyxy"])
         x0, x1 = max(0.0, min(x0, width)), max(0.0, min(x1, width))
         y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
-        if not concept or x1 <= x0 or y1 <= y0:
+        if not (category or phrase) or x1 <= x0 or y1 <= y0:
             continue
         boxes.append([x0, y0, x1, y1])
-        concepts.append(concept)
-        for field in ("phrase", "category"):
-            text = normalize_concept(entity.get(field) or "")
-            if text and text not in positives:
-                positives.append(text)
+        concepts.append(category or phrase)
+        phrases.append(phrase or category)
     tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    return Sample(image=image, boxes=tensor, concepts=concepts, positives=positives, key=str(record.get("key")))
+    return Sample(image=image, boxes=tensor, concepts=concepts, phrases=phrases, key=str(record.get("key")))
 
 
-def iter_shard_samples(run_dir: str | Path, *, shuffle_buffer: int = 0, seed: int = 0) -> Iterator[Sample]:
-    """Stream the samples of a run's complete shards with webdataset; shuffles shards and samples when asked."""
+def iter_shard_samples(run_dir: str | Path, *, shuffle_buffer: int = 0, seed: int = 0, rank: int = 0,
+                       world_size: int = 1) -> Iterator[Sample]:
+    """Stream the samples of a run's complete shards with webdataset, one at a time (nothing is preloaded).
+
+    Shards and samples are shuffled when asked (same seed, same order). With `world_size` > 1 this worker
+    keeps every `world_size`-th sample from position `rank`: every worker reads the same seeded stream, so
+    the split is disjoint and complete even when there are fewer shards than workers.
+    """
     shards = complete_shards(run_dir)
     if not shards:
         logger.warning("no complete shards under %s", Path(run_dir) / "shards")
@@ -92,19 +99,100 @@ def iter_shard_samples(run_dir: str | Path, *, shuffle_buffer: int = 0, seed: in
     urls = [str(path) for path in shards]
     if shuffle_buffer > 0:
         random.Random(seed).shuffle(urls)
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
+    # the rank split is ours (below); webdataset's own node/worker splitters must not split again
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_every_shard, workersplitter=_every_shard,
+                             empty_check=False)
     if shuffle_buffer > 0:
         dataset = dataset.shuffle(shuffle_buffer, rng=random.Random(seed))
-    dataset = dataset.decode("pilrgb")
+    position = -1
     for item in dataset:
-        record = item.get("json")
-        image = item.get("jpg")
-        if record is None or image is None:
+        position += 1
+        if position % world_size != rank:
+            continue
+        raw_record, raw_image = item.get("json"), item.get("jpg")
+        if raw_record is None or raw_image is None:
             logger.warning("%s: missing jpg or json member, skipped", item.get("__key__"))
             continue
+        record = json.loads(raw_record)
         if record.get("status", "ok") != "ok":
             continue
+        try:
+            image = Image.open(io.BytesIO(raw_image))
+            image = image.convert("RGB")
+        except (OSError, ValueError) as exc:  # a corrupt image costs its sample, not the run
+            logger.warning("%s: image does not decode (%s), skipped", item.get("__key__"), exc)
+            continue
         yield record_to_sample(image=image, record=record)
+
+
+def _every_shard(urls: Iterator[Any]) -> Iterator[Any]:
+    """A webdataset splitter that keeps every shard: the split by rank happens per sample."""
+    yield from urls
+
+
+class ConceptDictionary:
+    """The corpus' concepts (entity phrases and categories of ok samples) with their counts, read from the
+    run's parquet index. Negative concepts for a sample are drawn from it (DetCLIPv2, T-Rex2)."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = {c: n for c, n in counts.items() if c and n > 0}
+        self.concepts = sorted(self.counts)
+        # frequency ** 0.5 flattens the head of the distribution, so rare concepts are seen as negatives too
+        self.weights = [self.counts[c] ** 0.5 for c in self.concepts]
+
+    def __len__(self) -> int:
+        return len(self.concepts)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> "ConceptDictionary":
+        """Count phrases and categories of the entities of ok samples in `RUN/index/*.parquet`."""
+        import pyarrow.parquet as pq
+
+        counts: Counter[str] = Counter()
+        files = sorted((Path(run_dir) / "index").glob("*.parquet"))
+        for path in files:
+            if ".tmp-" in path.name:
+                continue
+            table = pq.read_table(path, columns=["status", "entities"])
+            for status, entities in zip(table.column("status").to_pylist(), table.column("entities").to_pylist()):
+                if status != "ok":
+                    continue
+                for entity in entities or []:
+                    for field in ("phrase", "category"):
+                        text = normalize_concept((entity or {}).get(field) or "")
+                        if text:
+                            counts[text] += 1
+        logger.info("concept dictionary: %d concepts from %d index files", len(counts), len(files))
+        return cls(dict(counts))
+
+    def sample(self, k: int, *, exclude: set[str], rng: random.Random) -> list[str]:
+        """Up to `k` distinct concepts not in `exclude`, drawn by weight without replacement."""
+        if k <= 0 or not self.concepts:
+            return []
+        pool = [(c, w) for c, w in zip(self.concepts, self.weights) if c not in exclude]
+        chosen: list[str] = []
+        while pool and len(chosen) < k:
+            pick = rng.choices(range(len(pool)), weights=[w for _, w in pool])[0]
+            chosen.append(pool.pop(pick)[0])
+        return chosen
+
+
+def augment(sample: Sample, *, rng: random.Random, scales: Sequence[int], max_size: int,
+            flip_prob: float) -> Sample:
+    """Resize (shorter side drawn from `scales`, longer side at most `max_size`) and maybe flip horizontally;
+    boxes follow the image."""
+    image, boxes = sample.image, sample.boxes.clone()
+    width, height = image.size
+    short = rng.choice(list(scales))
+    ratio = min(short / min(width, height), max_size / max(width, height))
+    new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+        boxes = boxes * torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
+    if flip_prob > 0 and rng.random() < flip_prob:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        boxes = torch.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], dim=-1)
+    return sample._replace(image=image, boxes=boxes.reshape(-1, 4))
 
 
 def build_prompt(concepts: Sequence[str]) -> tuple[str, dict[str, tuple[int, int]]]:
@@ -125,46 +213,71 @@ def build_prompt(concepts: Sequence[str]) -> tuple[str, dict[str, tuple[int, int
     return prompt, spans
 
 
-def _fit_concepts(sample: Sample, tokenizer: Any, max_text_len: int) -> list[str]:
-    """Prompt concepts that fit the text encoder: box concepts first, then the other positives."""
-    ordered = list(dict.fromkeys([*sample.concepts, *sample.positives]))
+def prompt_concepts(sample: Sample, *, tokenizer: Any, max_text_len: int, rng: random.Random | None = None,
+                    dictionary: ConceptDictionary | None = None, negatives: int = 0,
+                    phrase_prob: float = 0.0) -> tuple[list[str], list[str]]:
+    """A sample's prompt concepts and the concept of each of its boxes.
+
+    A box is named by its entity's phrase with probability `phrase_prob`, else by its category (DetCLIPv3
+    trains on both). Positives go first, then up to `negatives` dictionary concepts that are none of the
+    sample's phrases or categories, while they fit the text encoder's `max_text_len`; then the order is
+    shuffled (with `rng`) so that position says nothing about being positive.
+    """
+    if rng is None and (negatives or phrase_prob):
+        raise ValueError("negatives and phrase_prob need an rng")
+    box_texts = [
+        phrase if rng is not None and phrase_prob > 0 and rng.random() < phrase_prob else concept
+        for concept, phrase in zip(sample.concepts, sample.phrases)
+    ]
+    positives = list(dict.fromkeys(box_texts))
+    sampled = []
+    if dictionary is not None and negatives > 0 and rng is not None:
+        sampled = dictionary.sample(negatives, exclude={*sample.concepts, *sample.phrases}, rng=rng)
     budget = max_text_len - 2  # [CLS] and [SEP]
     kept = []
-    for concept in ordered:
+    for concept in [*positives, *sampled]:
         cost = len(tokenizer.tokenize(concept)) + 1  # its tokens and the "." after it
         if cost > budget:
             logger.debug("%s: concept %r does not fit the %d-token prompt", sample.key, concept, max_text_len)
             continue
         kept.append(concept)
         budget -= cost
-    return kept
+    if rng is not None:
+        rng.shuffle(kept)
+    return kept, box_texts
 
 
-def collate(samples: Sequence[Sample], processor: Any, *, max_text_len: int = 256) -> dict[str, Any]:
-    """Grounding DINO inputs for a batch, plus `labels`: per image `class_labels` (index of the box's concept
-    among the prompt's "."-separated phrases) and `boxes` (cxcywh normalised by the image's own size)."""
+def collate(samples: Sequence[Sample], processor: Any, *, max_text_len: int = 256, rng: random.Random | None = None,
+            dictionary: ConceptDictionary | None = None, negatives: int = 0, phrase_prob: float = 0.0,
+            do_resize: bool = True) -> dict[str, Any]:
+    """Grounding DINO inputs for a batch, plus `labels` as the transformers loss expects them: per image
+    `class_labels` (index of the box's concept among the prompt's "."-separated phrases) and `boxes`
+    (cxcywh normalised by the image's own size). `do_resize=False` when `augment` already resized."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     tokenizer = processor.tokenizer
     prompts, counts, labels = [], [], []
     for sample in samples:
-        prompt, spans = build_prompt(_fit_concepts(sample, tokenizer, max_text_len))
+        concepts, box_texts = prompt_concepts(sample, tokenizer=tokenizer, max_text_len=max_text_len, rng=rng,
+                                              dictionary=dictionary, negatives=negatives, phrase_prob=phrase_prob)
+        prompt, spans = build_prompt(concepts)
         counts.append(len(spans))
         index = {concept: i for i, concept in enumerate(spans)}
-        keep = [i for i, concept in enumerate(sample.concepts) if concept in index]
-        if len(keep) < len(sample.concepts):
+        keep = [i for i, text in enumerate(box_texts) if text in index]
+        if len(keep) < len(box_texts):
             logger.warning("%s: %d boxes dropped, their concepts did not fit the prompt",
-                           sample.key, len(sample.concepts) - len(keep))
+                           sample.key, len(box_texts) - len(keep))
         width, height = sample.image.size
         xyxy = sample.boxes[keep]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         x0, y0, x1, y1 = (xyxy / scale).clamp(0.0, 1.0).unbind(-1)
         boxes = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1).reshape(-1, 4)
-        class_labels = torch.tensor([index[sample.concepts[i]] for i in keep], dtype=torch.long)
+        class_labels = torch.tensor([index[box_texts[i]] for i in keep], dtype=torch.long)
         prompts.append(prompt)
         labels.append({"class_labels": class_labels, "boxes": boxes})
+    image_kwargs = {} if do_resize else {"do_resize": False}
     inputs = processor(images=[s.image for s in samples], text=prompts, return_tensors="pt", padding="longest",
-                       truncation=True, max_length=max_text_len)
+                       truncation=True, max_length=max_text_len, **image_kwargs)
     _check_label_groups(inputs["input_ids"], prompts, counts)
     batch = dict(inputs)
     batch["labels"] = labels

@@ -1,111 +1,68 @@
-"""First student loop: fine-tune a Grounding DINO on GranuCap shards in one process (Ray Train comes later)."""
+"""Student training: fine-tune a Grounding DINO on GranuCap shards, in one process or data-parallel across
+Ray Train workers (TorchTrainer: gloo on CPU, NCCL on GPU). Every `checkpoint_every` steps the state goes to
+`OUT/checkpoints/`; a rerun of the same command resumes from the newest one.
+
+    OUT/model.safetensors, config.json, processor files   the final student (loadable like any HF model)
+    OUT/checkpoints/step-NNNNNNNN/                        resumable states (detector/checkpoint.py)
+    OUT/train_log.jsonl                                   one line per step: loss parts, lr, grad norm, img/s
+    OUT/train_config.json, OUT/train_summary.json         what ran, and how it went
+    OUT/workers/rank-R.json                               per worker: samples seen, final weights checksum
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-from transformers.loss.loss_for_object_detection import _set_aux_loss
-from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher, GroundingDinoImageLoss
 
-from detector.data import Sample, collate, iter_shard_samples
+from detector.checkpoint import clean_partial, latest_checkpoint, optimizer_from_files, read_state, save_checkpoint
+from detector.config import OptimSpec, TrainConfig
+from detector.data import ConceptDictionary, Sample, augment, collate, iter_shard_samples
 
 logger = logging.getLogger(__name__)
 
-_SHUFFLE_BUFFER = 256
-_MAX_GRAD_NORM = 0.1  # DETR / Grounding DINO default
-_WEIGHT_DECAY = 1e-4
+
+def lr_factor(step: int, *, steps: int, optim: OptimSpec) -> float:
+    """Multiplier of the base lr at `step` (1-based): linear warmup, then cosine / step / constant."""
+    if optim.warmup_steps and step <= optim.warmup_steps:
+        return step / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    if optim.schedule == "step":
+        return optim.step_gamma ** sum(step > m * steps for m in optim.step_milestones)
+    span = max(1, steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class _ImageLoss(GroundingDinoImageLoss):
-    """transformers' Grounding DINO criterion with the label-map offsets fixed for any batch.
-
-    Upstream (5.23) offsets image i's class labels by len(label_maps[i]) instead of the number of labels of
-    images 0..i-1, so batches above 2, or of 2 with different prompt lengths, supervise the wrong tokens.
-    """
-
-    def _get_target_classes_one_hot(self, outputs, targets, indices):
-        logits = outputs["logits"]
-        label_maps = outputs["label_maps"]
-        offsets = [0]
-        for label_map in label_maps[:-1]:
-            offsets.append(offsets[-1] + len(label_map))
-        class_labels = torch.cat(
-            [target["class_labels"][j] + offset for target, (_, j), offset in zip(targets, indices, offsets)]
-        )
-        idx = self._get_source_permutation_idx(indices)
-        onehot = torch.zeros_like(logits, dtype=torch.long)
-        onehot[idx] = torch.cat(label_maps, dim=0)[class_labels].to(torch.long)
-        return onehot
-
-
-def grounding_dino_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask, outputs_class=None,
-                        outputs_coord=None, encoder_logits=None, encoder_pred_boxes=None):
-    """Same as transformers' GroundingDinoForObjectDetectionLoss (weights included), using `_ImageLoss`."""
-    matcher = GroundingDinoHungarianMatcher(
-        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
-    )
-    criterion = _ImageLoss(matcher=matcher, focal_alpha=config.focal_alpha, losses=["labels", "boxes", "cardinality"])
-    criterion.to(device)
-    outputs = {"logits": logits, "pred_boxes": pred_boxes, "label_maps": label_maps, "text_mask": text_mask}
-    auxiliary_outputs = None
-    if config.auxiliary_loss:
-        auxiliary_outputs = _set_aux_loss(outputs_class, outputs_coord)
-        for aux in auxiliary_outputs:
-            aux["label_maps"], aux["text_mask"] = label_maps, text_mask
-        outputs["auxiliary_outputs"] = auxiliary_outputs
-    loss_dict = criterion(outputs, labels)
-    # upstream weighs loss_ce by a literal 2.0, not config.class_loss_coefficient; kept for parity
-    weights = {"loss_ce": 2.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
-    if config.two_stage:
-        encoder_outputs = {"logits": encoder_logits, "pred_boxes": encoder_pred_boxes, "label_maps": label_maps,
-                           "text_mask": text_mask}
-        loss_dict.update({k + "_enc": v for k, v in criterion(encoder_outputs, labels).items()})
-        weights.update({k + "_enc": v for k, v in list(weights.items())})
-    if config.auxiliary_loss:
-        base = {k: v for k, v in weights.items() if not k.endswith("_enc")}
-        for i in range(config.decoder_layers - 1):
-            weights.update({f"{k}_{i}": v for k, v in base.items()})
-    loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
-    return loss, loss_dict, auxiliary_outputs
-
-
-def _resolve(model: str, cache_dir: str | None) -> str:
-    """A local directory for `model`: through engine.models.loading when present, else the ref itself."""
-    try:
-        from engine.models.loading import resolve_model
-    except ImportError:
-        if model.startswith("tiny:"):
-            raise ValueError(f"{model!r} needs engine.models.loading, which is not available") from None
-        return model
-    return resolve_model(model, cache_dir=cache_dir)
-
-
-def _batches(shards: Path, *, batch_size: int, seed: int) -> Iterator[list[Sample]]:
-    """Endless batches over the shards, reshuffled each pass; samples without boxes are skipped for now."""
+def _batches(shards: Path, *, config: TrainConfig, rank: int, world_size: int, seed: int) -> Iterator[list[Sample]]:
+    """Endless batches of this worker's share of the shards, reshuffled each pass. Samples without boxes
+    are skipped: the transformers loss needs at least one target per image."""
     epoch = 0
     while True:
         seen = 0
         batch: list[Sample] = []
-        for sample in iter_shard_samples(shards, shuffle_buffer=_SHUFFLE_BUFFER, seed=seed + epoch):
-            if len(sample.boxes) == 0:  # no positives; useful once negative concepts are sampled
+        for sample in iter_shard_samples(shards, shuffle_buffer=config.data.shuffle_buffer, seed=seed + epoch,
+                                         rank=rank, world_size=world_size):
+            if len(sample.boxes) == 0:
                 continue
             seen += 1
             batch.append(sample)
-            if len(batch) == batch_size:
+            if len(batch) == config.data.batch_size:
                 yield batch
                 batch = []
         if batch:
             yield batch
         if seen == 0:
-            raise ValueError(f"no samples with boxes in the complete shards of {shards}")
+            raise ValueError(f"worker {rank}/{world_size}: no samples with boxes in the complete shards of {shards}")
         epoch += 1
 
 
@@ -115,58 +72,214 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return moved
 
 
-def train(*, shards: str | Path, out: str | Path, model: str = "tiny:grounding-dino", steps: int = 100,
-          batch_size: int = 2, lr: float = 1e-4, seed: int = 0, cache_dir: str | None = None,
-          log_every: int = 10) -> dict:
-    """Fine-tune `model` on the run dir `shards` for `steps` steps; save model, processor, train_log.jsonl in `out`."""
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    source = _resolve(model, cache_dir)
-    processor = AutoProcessor.from_pretrained(source)
-    net = AutoModelForZeroShotObjectDetection.from_pretrained(source).to(device)
-    net.loss_function = grounding_dino_loss
-    net.train()
-    max_text_len = int(getattr(net.config, "max_text_len", 256))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=_WEIGHT_DECAY)
-    logger.info("training %s (%s) on %s for %d steps, batch %d, lr %g, device %s",
-                model, source, shards, steps, batch_size, lr, device)
+def _param_groups(model: Any, optim: OptimSpec) -> list[dict[str, Any]]:
+    from detector.model import backbone_parameters
+
+    backbone = {id(p) for p in backbone_parameters(model)}
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone]
+    back = [p for p in model.parameters() if p.requires_grad and id(p) in backbone]
+    groups = [{"params": main, "base_lr": optim.lr}]
+    if back:
+        groups.append({"params": back, "base_lr": optim.backbone_lr or optim.lr})
+    return groups
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`: steps a killed run did after its last checkpoint are done again."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _checksum(model: Any) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def _train_loop(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """One worker's training loop (also the whole single-process run). Takes plain data: Ray ships it."""
+    config = TrainConfig.model_validate(config_dict["config"])
+    shards, out = Path(config_dict["shards"]), Path(config_dict["out"])
+    in_ray = config_dict.get("ray", False)
+    rank, world_size = 0, 1
+    if in_ray:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        rank, world_size = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+    else:
+        use_gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
+        device = torch.device("cuda" if use_gpu else "cpu")
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+
+    from detector.model import load_student
+
+    log_path = out / "train_log.jsonl"
+    if rank == 0:
+        clean_partial(out)
+    latest = latest_checkpoint(out)
+    spec = config.model
+    start_step = 0
+    if latest is not None:
+        start_step = int(read_state(latest)["step"])
+        spec = spec.model_copy(update={"init": str(latest), "from_config": False})
+        logger.info("worker %d: resuming from %s (step %d)", rank, latest, start_step)
+    if rank == 0:  # lines of steps after the checkpoint (or of a run killed before any) are redone
+        _truncate_log(log_path, start_step)
+    torch.manual_seed(config.seed + start_step)
+    model, processor = load_student(spec)
+    model.to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.optim), lr=config.optim.lr,
+                                  weight_decay=config.optim.weight_decay)
+    if latest is not None:
+        optimizer_from_files(optimizer, latest, device)
+    net = model
+    if world_size > 1:
+        import ray.train.torch
+
+        # some heads get no gradient in a given step (frozen parts, two-stage proposals): DDP must allow it
+        net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    image_size = processor.image_processor.size
+    scales = config.data.scales or [int(image_size.get("shortest_edge", 800))]
+    max_size = config.data.max_size or int(image_size.get("longest_edge", 1333))
+    if config.data.scales or config.data.max_size:
+        # the saved processor then resizes evaluation images to the resolution the student trained at
+        processor.image_processor.size = {"shortest_edge": max(scales), "longest_edge": max_size}
+    max_text_len = config.data.max_text_len or int(getattr(model.config, "max_text_len", 256))
+    dictionary = ConceptDictionary.from_run(shards) if config.data.negatives > 0 else None
+    rng = random.Random(config.seed * 1_000_003 + rank * 7919 + start_step)
+    batches = _batches(shards, config=config, rank=rank, world_size=world_size, seed=config.seed + start_step)
+    autocast = device.type == "cuda" and config.amp
+    if rank == 0:
+        logger.info("training %s on %s: steps %d..%d, %d worker(s), batch %d each, device %s, amp %s",
+                    spec.init, shards, start_step + 1, config.steps, world_size, config.data.batch_size, device,
+                    autocast)
 
     losses: list[float] = []
-    start = time.perf_counter()
-    batches = _batches(Path(shards), batch_size=batch_size, seed=seed)
-    with open(out / "train_log.jsonl", "w", encoding="utf-8") as log:
-        for step in range(1, steps + 1):
-            batch = _to_device(collate(next(batches), processor, max_text_len=max_text_len), device)
-            output = net(**batch)
+    samples_seen = 0
+    keys_seen: set[str] = set()  # reported per worker, so a test can see that the workers split the data
+    started = time.perf_counter()
+    log = open(log_path, "a", encoding="utf-8") if rank == 0 else None
+    try:
+        for step in range(start_step + 1, config.steps + 1):
+            tick = time.perf_counter()
+            factor = lr_factor(step, steps=config.steps, optim=config.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            samples = [augment(s, rng=rng, scales=scales, max_size=max_size, flip_prob=config.data.flip_prob)
+                       for s in next(batches)]
+            batch = collate(samples, processor, max_text_len=max_text_len, rng=rng, dictionary=dictionary,
+                            negatives=config.data.negatives, phrase_prob=config.data.phrase_prob, do_resize=False)
+            batch = _to_device(batch, device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+                output = net(**batch)
             loss = output.loss
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+                raise FloatingPointError(f"loss is {loss.item()} at step {step} (worker {rank})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), _MAX_GRAD_NORM)
+            grad_norm = float("nan")
+            if config.optim.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.max_grad_norm))
             optimizer.step()
+            samples_seen += len(samples)
+            if len(keys_seen) < 10_000:
+                keys_seen.update(s.key for s in samples)
             losses.append(loss.item())
-            parts = {k: round(float(v.detach()), 6) for k, v in output.loss_dict.items()}
-            log.write(json.dumps({"step": step, "loss": losses[-1], "grad_norm": float(grad_norm), **parts,
-                                  "seconds": round(time.perf_counter() - start, 3)}) + "\n")
-            log.flush()
-            if step % log_every == 0 or step == 1 or step == steps:
-                logger.info("step %d/%d loss %.4f", step, steps, losses[-1])
-    seconds = time.perf_counter() - start
-
-    net.save_pretrained(out)
-    processor.save_pretrained(out)
+            seconds = time.perf_counter() - tick
+            entry = {"step": step, "loss": losses[-1], "lr": optimizer.param_groups[0]["lr"],
+                     "grad_norm": grad_norm, "images_per_s": round(len(samples) * world_size / seconds, 3),
+                     **{k: round(float(v.detach()), 6) for k, v in output.loss_dict.items()}}
+            if log is not None:
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+            if step % config.log_every == 0 or step == config.steps:
+                if rank == 0:
+                    logger.info("step %d/%d loss %.4f lr %.3g %.2f img/s", step, config.steps, losses[-1],
+                                entry["lr"], entry["images_per_s"])
+                if in_ray:
+                    ray.train.report({"step": step, "loss": losses[-1], "images_per_s": entry["images_per_s"]})
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                if rank == 0:
+                    save_checkpoint(out, step=step, model=model, processor=processor, optimizer=optimizer,
+                                    state={"seed": config.seed, "world_size": world_size},
+                                    keep=config.keep_checkpoints)
+    finally:
+        if log is not None:
+            log.close()
+    seconds = time.perf_counter() - started
+    worker = {"rank": rank, "world_size": world_size, "steps_run": len(losses), "samples": samples_seen,
+              "keys": sorted(keys_seen), "checksum": _checksum(model), "device": str(device)}
+    (out / "workers").mkdir(exist_ok=True)
+    (out / "workers" / f"rank-{rank}.json").write_text(json.dumps(worker))
     summary = {
-        "steps": steps,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "mean_loss_first_10": sum(losses[:10]) / len(losses[:10]),
-        "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
-        "seconds": seconds,
+        "steps": config.steps, "resumed_from": start_step, "steps_run": len(losses), "workers": world_size,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "mean_loss_first_10": sum(losses[:10]) / len(losses[:10]) if losses else None,
+        "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(samples_seen * world_size / seconds, 3) if seconds > 0 else None,
     }
-    logger.info("trained %d steps in %.1f s: loss %.4f -> %.4f", steps, seconds, losses[0], losses[-1])
+    if rank == 0:
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        logger.info("trained steps %d..%d in %.1f s", start_step + 1, config.steps, seconds)
     return summary
+
+
+def _train_ray(shards: Path, out: Path, config: TrainConfig) -> dict[str, Any]:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
+    started_ray = False
+    if not ray.is_initialized():
+        if config.ray_address:
+            ray.init(address=config.ray_address)
+        else:  # enough CPUs for the workers plus Ray Train's controller
+            ray.init(num_cpus=math.ceil(config.workers * config.cpus_per_worker) + 1,
+                     include_dashboard=False, log_to_driver=False)
+        started_ray = True
+    try:
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"config": config.model_dump(mode="json"), "shards": str(shards.resolve()),
+                               "out": str(out.resolve()), "ray": True},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": config.cpus_per_worker}),
+            # a restarted worker group resumes from OUT's newest checkpoint, like a rerun of the command
+            run_config=RunConfig(name="train", storage_path=str((out / "ray").resolve()),
+                                 failure_config=FailureConfig(max_failures=config.max_failures)),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return json.loads((out / "train_summary.json").read_text())
+
+
+def train(*, shards: str | Path, out: str | Path, config: TrainConfig | None = None) -> dict[str, Any]:
+    """Train the student on the run dir `shards` into `out`; resumes from `out`'s newest checkpoint."""
+    config = config or TrainConfig()
+    shards, out = Path(shards), Path(out)
+    if not (shards / "shards").is_dir():
+        raise FileNotFoundError(f"{shards} is not a granucap run directory (no shards/ folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+    if config.workers > 1:
+        return _train_ray(shards, out, config)
+    return _train_loop({"config": config.model_dump(mode="json"), "shards": str(shards), "out": str(out)})
+
+
+__all__ = ["train", "lr_factor"]

@@ -1,4 +1,4 @@
-"""`granucap` command line: run a pipeline, make demo input, check a config, train the student."""
+"""`granucap` command line: run a pipeline, make demo input, check a config; more subcommands in engine/commands/."""
 
 from __future__ import annotations
 
@@ -90,23 +90,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from detector.train import train
-
-    result = train(
-        shards=args.shards,
-        out=args.out,
-        model=args.model,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-    )
-    print(json.dumps(result))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="granucap", description="Turn raw image-text pairs into a pseudo-labelled detection corpus."
@@ -136,17 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline")
     p.add_argument("--set", action="append", default=[], metavar="A.B=C")
     p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("train", help="train the student detector on GranuCap shards")
-    p.add_argument("--shards", required=True, help="a granucap run directory")
-    p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--model", default="tiny:grounding-dino", help="model to start from (hub id, dir, tiny:NAME)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None)
-    p.set_defaults(func=cmd_train)
 
     import importlib
 

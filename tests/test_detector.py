@@ -72,10 +72,10 @@ def write_run(run_dir, *, shard_sizes=(3, 2), extra_incomplete=True, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny_gdino(tmp_path_factory):
+def tiny_gdino(model_cache):
     from engine.models.loading import resolve_model
 
-    return resolve_model("tiny:grounding-dino", cache_dir=str(tmp_path_factory.mktemp("models")))
+    return resolve_model("tiny:grounding-dino", cache_dir=model_cache)
 
 
 @pytest.fixture(scope="module")

@@ -8,4 +8,5 @@ COMMAND_MODULES: list[str] = [
     "try_one",
     "inspect",
     "doctor",
+    "student",
 ]
