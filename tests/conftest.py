@@ -33,6 +33,21 @@ def model_cache(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_gdino(model_cache) -> str:
+    """Directory of the tiny random-weight Grounding DINO (built once per session)."""
+    from engine.models.loading import resolve_model
+
+    return resolve_model("tiny:grounding-dino", cache_dir=model_cache)
+
+
+@pytest.fixture(scope="session")
+def gdino_processor(tiny_gdino):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_gdino)
+
+
+@pytest.fixture(scope="session")
 def demo_input(tmp_path_factory):
     from engine.demo import write_demo_input
 

@@ -71,20 +71,6 @@ def write_run(run_dir, *, shard_sizes=(3, 2), extra_incomplete=True, seed=0):
     return records
 
 
-@pytest.fixture(scope="module")
-def tiny_gdino(model_cache):
-    from engine.models.loading import resolve_model
-
-    return resolve_model("tiny:grounding-dino", cache_dir=model_cache)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_gdino):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny_gdino)
-
-
 def test_stream_reads_complete_shards_only(tmp_path):
     records = write_run(tmp_path)
     assert [p.name for p in complete_shards(tmp_path)] == ["000000.tar", "000001.tar"]
@@ -116,10 +102,10 @@ def test_build_prompt_dedups_and_spans():
     assert build_prompt([]) == ("", {})
 
 
-def test_collate_labels(tmp_path, processor):
+def test_collate_labels(tmp_path, gdino_processor):
     write_run(tmp_path)
     samples = list(iter_shard_samples(tmp_path))[:3]
-    batch = collate(samples, processor)
+    batch = collate(samples, gdino_processor)
     assert batch["pixel_values"].shape[0] == 3 and batch["input_ids"].shape[0] == 3
     assert len(batch["labels"]) == 3
     for sample, target in zip(samples, batch["labels"]):

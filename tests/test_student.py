@@ -42,21 +42,7 @@ def shapes(tmp_path_factory):
     return write_shapes(tmp_path_factory.mktemp("shapes"), train=24, val=8, shard_size=8, seed=3)
 
 
-@pytest.fixture(scope="module")
-def tiny(model_cache):
-    from engine.models.loading import resolve_model
-
-    return resolve_model("tiny:grounding-dino", cache_dir=model_cache)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny)
-
-
-def fast_config(tiny: str, **extra) -> TrainConfig:
+def fast_config(tiny_gdino: str, **extra) -> TrainConfig:
     data = json.loads(json.dumps(FAST))
     for key, value in extra.items():
         node = data
@@ -64,7 +50,7 @@ def fast_config(tiny: str, **extra) -> TrainConfig:
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    data.setdefault("model", {})["init"] = tiny
+    data.setdefault("model", {})["init"] = tiny_gdino
     return TrainConfig.model_validate(data)
 
 
@@ -106,13 +92,13 @@ def test_negatives_exclude_positives_and_are_distinct():
     assert dictionary.sample(100, exclude=set(), rng=rng).__len__() == 31
 
 
-def test_collate_with_negatives_labels_point_at_positives(shapes, processor):
+def test_collate_with_negatives_labels_point_at_positives(shapes, gdino_processor):
     dictionary = ConceptDictionary({f"object {i}": 1 for i in range(40)})
     samples = list(iter_shard_samples(shapes["shards"]))[:4]
     rng = random.Random(1)
-    batch = collate(samples, processor, rng=rng, dictionary=dictionary, negatives=6, phrase_prob=0.5)
+    batch = collate(samples, gdino_processor, rng=rng, dictionary=dictionary, negatives=6, phrase_prob=0.5)
     for b, (sample, target) in enumerate(zip(samples, batch["labels"])):
-        text = processor.tokenizer.decode(batch["input_ids"][b], skip_special_tokens=True)
+        text = gdino_processor.tokenizer.decode(batch["input_ids"][b], skip_special_tokens=True)
         phrases = [p.strip() for p in text.split(".") if p.strip()]
         named = [phrases[i] for i in target["class_labels"].tolist()]
         # each box is named by its own category or phrase, never by a negative
@@ -122,10 +108,10 @@ def test_collate_with_negatives_labels_point_at_positives(shapes, processor):
         assert len(phrases) == len(set(named)) + 6
 
 
-def test_prompt_is_capped_to_the_text_limit(shapes, processor):
+def test_prompt_is_capped_to_the_text_limit(shapes, gdino_processor):
     dictionary = ConceptDictionary({f"long negative concept number {i}": 1 for i in range(100)})
     samples = list(iter_shard_samples(shapes["shards"]))[:2]
-    batch = collate(samples, processor, max_text_len=24, rng=random.Random(0), dictionary=dictionary,
+    batch = collate(samples, gdino_processor, max_text_len=24, rng=random.Random(0), dictionary=dictionary,
                     negatives=50)
     assert batch["input_ids"].shape[1] <= 24
     assert all(len(t["class_labels"]) == len(s.concepts) for s, t in zip(samples, batch["labels"]))
@@ -179,15 +165,15 @@ def test_lr_schedule_warmup_cosine_and_step():
     assert [lr_factor(s, steps=100, optim=step) for s in (50, 51, 76)] == pytest.approx([1.0, 0.1, 0.01])
 
 
-def test_freeze_options_stop_gradients(tiny):
+def test_freeze_options_stop_gradients(tiny_gdino):
     from detector.config import ModelSpec
     from detector.model import load_student
 
-    model, _ = load_student(ModelSpec(init=tiny, freeze_backbone=True, freeze_text_encoder=True))
+    model, _ = load_student(ModelSpec(init=tiny_gdino, freeze_backbone=True, freeze_text_encoder=True))
     assert not any(p.requires_grad for p in model.model.backbone.parameters())
     assert not any(p.requires_grad for p in model.model.text_backbone.parameters())
     assert any(p.requires_grad for p in model.model.decoder.parameters())
-    fresh, _ = load_student(ModelSpec(init=tiny, from_config=True))
+    fresh, _ = load_student(ModelSpec(init=tiny_gdino, from_config=True))
     assert not torch.equal(next(fresh.model.decoder.parameters()), next(model.model.decoder.parameters()))
 
 
@@ -225,15 +211,15 @@ def _adam_step(checkpoint: Path) -> float:
 
 
 @pytest.mark.slow
-def test_resume_continues_steps_and_optimizer_state(tmp_path, shapes, tiny):
+def test_resume_continues_steps_and_optimizer_state(tmp_path, shapes, tiny_gdino):
     from detector.train import train
 
     out = tmp_path / "student"
-    first = train(shards=shapes["shards"], out=out, config=fast_config(tiny, steps=4, checkpoint_every=2))
+    first = train(shards=shapes["shards"], out=out, config=fast_config(tiny_gdino, steps=4, checkpoint_every=2))
     assert first["resumed_from"] == 0 and first["steps_run"] == 4
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
     assert _adam_step(out / "checkpoints" / "step-00000004") == 4
-    second = train(shards=shapes["shards"], out=out, config=fast_config(tiny, steps=8, checkpoint_every=2))
+    second = train(shards=shapes["shards"], out=out, config=fast_config(tiny_gdino, steps=8, checkpoint_every=2))
     assert second["resumed_from"] == 4 and second["steps_run"] == 4
     assert _log_steps(out) == list(range(1, 9))
     # AdamW's own step count went on from 4: the optimizer state came back, it did not start fresh
@@ -242,12 +228,12 @@ def test_resume_continues_steps_and_optimizer_state(tmp_path, shapes, tiny):
 
 
 @pytest.mark.slow
-def test_sigkilled_training_resumes_from_its_checkpoint(tmp_path, shapes, tiny):
+def test_sigkilled_training_resumes_from_its_checkpoint(tmp_path, shapes, tiny_gdino):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(FAST | {"torch_threads": 1}))
     out = tmp_path / "student"
     command = [sys.executable, "-m", "engine.cli", "train", "--shards", shapes["shards"], "--out", str(out),
-               "--config", str(config), "--model", tiny, "--checkpoint-every", "2"]
+               "--config", str(config), "--model", tiny_gdino, "--checkpoint-every", "2"]
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([*command, "--steps", "200"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -276,14 +262,14 @@ def test_sigkilled_training_resumes_from_its_checkpoint(tmp_path, shapes, tiny):
 
 
 @pytest.mark.slow
-def test_two_ray_train_workers_share_the_data_and_write_one_model(tmp_path, shapes, tiny):
+def test_two_ray_train_workers_share_the_data_and_write_one_model(tmp_path, shapes, tiny_gdino):
     from transformers import AutoModelForZeroShotObjectDetection
 
     from detector.train import train
 
     out = tmp_path / "student"
     summary = train(shards=shapes["shards"], out=out,
-                    config=fast_config(tiny, steps=3, workers=2, cpus_per_worker=0.5, torch_threads=1,
+                    config=fast_config(tiny_gdino, steps=3, workers=2, cpus_per_worker=0.5, torch_threads=1,
                                        checkpoint_every=3))
     assert summary["workers"] == 2 and summary["steps_run"] == 3
     ranks = [json.loads((out / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
@@ -317,18 +303,18 @@ def test_coco_ap_of_perfect_shifted_and_no_detections(shapes):
     assert coco_ap(shapes["coco"], [])["AP"] == 0.0
 
 
-def test_eval_prompts_split_over_the_text_limit(processor):
+def test_eval_prompts_split_over_the_text_limit(gdino_processor):
     from detector.evaluate import category_prompts
 
     names = [f"category number {i}" for i in range(30)]
-    groups = category_prompts(names, processor.tokenizer, max_text_len=32)
+    groups = category_prompts(names, gdino_processor.tokenizer, max_text_len=32)
     assert [i for group in groups for i in group] == list(range(30))
     for group in groups:
-        assert sum(len(processor.tokenizer.tokenize(names[i])) + 1 for i in group) <= 30
+        assert sum(len(gdino_processor.tokenizer.tokenize(names[i])) + 1 for i in group) <= 30
 
 
 @pytest.mark.slow
-def test_training_raises_ap_on_synthetic_shapes(tmp_path, tiny):
+def test_training_raises_ap_on_synthetic_shapes(tmp_path, tiny_gdino):
     """Learning check through the CLI: AP of the trained student is clearly above the untrained model's."""
     from engine.cli import main
 
@@ -337,9 +323,9 @@ def test_training_raises_ap_on_synthetic_shapes(tmp_path, tiny):
     config.write_text(yaml.safe_dump(LEARN))
     out = tmp_path / "student"
     assert main(["train", "--shards", data["shards"], "--out", str(out), "--config", str(config),
-                 "--model", tiny]) == 0
+                 "--model", tiny_gdino]) == 0
     table = tmp_path / "ap.json"
-    assert main(["eval", "--model", tiny, "--model", str(out), "--coco", data["coco"], "--images", data["images"],
+    assert main(["eval", "--model", tiny_gdino, "--model", str(out), "--coco", data["coco"], "--images", data["images"],
                  "--json-out", str(table)]) == 0
     before, after = json.loads(table.read_text())
     assert before["images"] == after["images"] == 32

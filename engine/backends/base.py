@@ -7,10 +7,13 @@ Heavy libraries (torch, transformers, vllm) are imported inside the implementati
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -89,6 +92,32 @@ CHAT_BACKENDS: dict[str, str] = {
 GROUNDING_BACKENDS: dict[str, str] = {
     "transformers": "engine.backends.transformers_grounding:TransformersGrounding",
 }
+
+
+def run_isolating_failures(
+    items: list[Any],
+    run: Callable[[list[Any]], list[ChatResult]],
+    *,
+    what: str,
+    check: Callable[[Exception], None] | None = None,
+) -> list[ChatResult]:
+    """`run(items)` for the whole batch; when it raises, each item alone, so that one bad request (a prompt
+    over the context, an odd image) fails alone with its error. Infrastructure errors propagate; `check`
+    may turn a backend's own fatal errors into one first."""
+    from engine.stages.base import is_infrastructure_error
+
+    try:
+        return run(items)
+    except Exception as exc:  # noqa: BLE001 - sorted below
+        if check is not None:
+            check(exc)
+        if is_infrastructure_error(exc):
+            raise
+        if len(items) == 1:
+            log.debug("%s request failed: %s", what, exc, exc_info=True)
+            return [ChatResult(text="", error=f"{type(exc).__name__}: {exc}")]
+        log.warning("%s batch of %d failed (%s); retrying one by one", what, len(items), exc)
+        return [run_isolating_failures([item], run, what=what, check=check)[0] for item in items]
 
 
 def chat_backend_options(spec: Any, cache_dir: str | None) -> dict[str, Any]:

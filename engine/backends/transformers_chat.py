@@ -13,9 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from engine.backends.base import BackendSpec, ChatRequest, ChatResult
+from engine.backends.base import BackendSpec, ChatRequest, ChatResult, run_isolating_failures
 from engine.models.loading import pick_device, pick_dtype, resolve_model
-from engine.stages.base import is_infrastructure_error
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +119,9 @@ class TransformersChat:
         for group in groups.values():
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start:start + self.batch_size]
-                for p, result in zip(chunk, self._run_safely(chunk)):
+                for p, result in zip(chunk, run_isolating_failures(chunk, self._run, what="chat")):
                     results[p.index] = result
         return [r if r is not None else ChatResult(text="", error="not generated") for r in results]
-
-    def _run_safely(self, chunk: list[_Prepared]) -> list[ChatResult]:
-        try:
-            return self._run(chunk)
-        except Exception as exc:
-            if is_infrastructure_error(exc):
-                raise
-            if len(chunk) == 1:
-                log.debug("chat request failed: %s", exc, exc_info=True)
-                return [ChatResult(text="", error=f"{type(exc).__name__}: {exc}")]
-            log.warning("chat batch of %d failed (%s); retrying one by one", len(chunk), exc)
-            return [self._run_safely([p])[0] for p in chunk]
 
     def _run(self, chunk: list[_Prepared]) -> list[ChatResult]:
         import torch

@@ -25,10 +25,10 @@ import os
 import time
 from typing import Any
 
-from engine.backends.base import BackendSpec, ChatRequest, ChatResult
+from engine.backends.base import BackendSpec, ChatRequest, ChatResult, run_isolating_failures
 from engine.config import VllmOptions
 from engine.models.loading import resolve_model
-from engine.stages.base import InfrastructureError, is_infrastructure_error
+from engine.stages.base import InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +142,16 @@ class VllmChat:
             except Exception as exc:  # noqa: BLE001 - a bad request is that request's error
                 results[i] = ChatResult(text="", error=f"{type(exc).__name__}: {exc}")
         if todo:
-            for (i, _, _), result in zip(todo, self._run_safely(todo), strict=True):
+            # vLLM validates a batch as a whole (a prompt over max_model_len fails all): isolate the culprit.
+            done = run_isolating_failures(todo, self._run, what="vLLM", check=self._engine_dead)
+            for (i, _, _), result in zip(todo, done, strict=True):
                 results[i] = result
         return [r if r is not None else ChatResult(text="", error="not generated") for r in results]
 
-    def _run_safely(self, todo: list[tuple[int, list[dict[str, Any]], Any]]) -> list[ChatResult]:
-        try:
-            return self._run(todo)
-        except Exception as exc:
-            if type(exc).__name__ in _ENGINE_DEAD:
-                raise InfrastructureError(f"vLLM engine died: {exc}") from exc
-            if is_infrastructure_error(exc):
-                raise
-            if len(todo) == 1:
-                log.debug("vLLM request failed: %s", exc, exc_info=True)
-                return [ChatResult(text="", error=f"{type(exc).__name__}: {exc}")]
-            # vLLM validates a batch as a whole (a prompt over max_model_len fails all): find the culprit.
-            log.warning("vLLM batch of %d failed (%s); retrying one by one", len(todo), exc)
-            return [self._run_safely([item])[0] for item in todo]
+    @staticmethod
+    def _engine_dead(exc: Exception) -> None:
+        if type(exc).__name__ in _ENGINE_DEAD:
+            raise InfrastructureError(f"vLLM engine died: {exc}") from exc
 
     def _run(self, todo: list[tuple[int, list[dict[str, Any]], Any]]) -> list[ChatResult]:
         outputs = self.llm.chat([conv for _, conv, _ in todo], sampling_params=[sp for _, _, sp in todo],
