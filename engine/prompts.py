@@ -18,7 +18,19 @@ class Prompt:
     sha256: str
 
     def render(self, **fields: str) -> str:
-        return self.template.format(**fields)
+        """Fill the template; field values are data, so the marker tags prompts put around them are
+        defused inside the values (a caption containing `</caption>` cannot close its own marker)."""
+        return self.template.format(**{k: defuse_markers(v) for k, v in fields.items()})
+
+
+_MARKERS = ("<caption>", "</caption>")
+
+
+def defuse_markers(text: str) -> str:
+    """Replace our prompt marker tags inside user data with look-alikes that do not close anything."""
+    for tag in _MARKERS:
+        text = text.replace(tag, tag.replace("<", "‹").replace(">", "›"))
+    return text
 
 
 @lru_cache(maxsize=64)
