@@ -1,8 +1,9 @@
 """Overhead: end-to-end wall time of `granucap run` vs the summed compute time of its model stages.
 
 The compute time is each model stage run in one process over the same decoded records, timed around its
-calls only (models loaded before the clock starts); the end-to-end run adds reading, Arrow batches through
-Ray, the driver-side writer and Ray's start. Run by hand:
+calls only (models loaded before the clock starts), with as many torch threads as the stage's Ray worker
+gets (Ray sets OMP_NUM_THREADS to the worker's whole CPUs, at least 1); the end-to-end run adds reading,
+Arrow batches through Ray, the driver-side writer and Ray's start. Run by hand:
 
     python benchmarks/overhead.py --samples 2000            # GLIP path on tiny models: nltk + tiny GDINO
 """
@@ -23,10 +24,13 @@ def stage_compute_seconds(inp: Path, overrides: list[str], batch: int) -> dict[s
     from engine.io.readers import plan_units, read_unit
     from engine.runner import build_stage, stage_names, uses_model
 
+    import torch
+
     config = load_config(ROOT / "pipelines" / "smoke.yaml", overrides)
     records = [r for u in plan_units([str(inp)], shard_size=10**9) for r in read_unit(u)]
     seconds: dict[str, float] = {}
     for name in stage_names(config):
+        torch.set_num_threads(max(1, int(getattr(config.stages, name).resources.num_cpus)))
         stage = build_stage(name, config)
         stage.setup()
         stage._ready = True
