@@ -45,7 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from engine.runner import RunError, run
 
-    config = load_config(args.pipeline, args.set)
+    config = load_config(args.pipeline, args.set + (["stages.ground.dummy_weights=true"] if args.dummy_weights else []))
     if args.dry_run:
         from engine.commands.inspect import show_plan
 
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="Ray cluster address; default: embedded Ray")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress view")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan (stages, units, done) and exit")
+    p.add_argument("--dummy-weights", action="store_true",
+                   help="teacher: the real architecture of its checkpoint with random weights (throughput tests)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo-input", help="write a small synthetic raw dump (webdataset tars) to try granucap")

@@ -244,11 +244,11 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
     from dataclasses import asdict
 
     from engine.io.readers import plan_units
-    from engine.models.loading import is_dummy
-    from engine.runner import check_stage_inputs, stage_names, uses_model
+    from engine.runner import check_stage_inputs, describe_models, stage_names, uses_model
     from engine.stages.write import completed_units
 
     check_stage_inputs(config)
+    models = describe_models(config)
     stages = []
     for name in stage_names(config):
         spec = getattr(config.stages, name)
@@ -258,7 +258,7 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
                 "stage": name,
                 "backend": getattr(spec, "backend", "-"),
                 "model": model,
-                "dummy": bool(model) and is_dummy(model),
+                "dummy": models.get(name, {}).get("dummy_weights", False),
                 "runs_as": "actor pool" if uses_model(name, config) else "tasks",
                 **spec.resources.model_dump(),
             }

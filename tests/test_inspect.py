@@ -119,3 +119,15 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     other = plan_summary(config.model_copy(update={"write": config.write.model_copy(update={"shard_size": 5})}),
                          [str(demo_input)], out)
     assert other["same_plan_as_output"] is False and other["complete"] == []
+
+
+def test_dummy_weights_flag_marks_the_teacher_in_the_plan(tmp_path, capsys, demo_input):
+    from engine.cli import main
+
+    assert main(["run", "pipelines/glip.yaml", "-i", str(demo_input), "-o", str(tmp_path / "o"),
+                 "--dry-run", "--dummy-weights"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "ground" in l)
+    assert "IDEA-Research/grounding-dino-tiny (dummy)" in line
+    assert main(["run", "pipelines/glip.yaml", "-i", str(demo_input), "-o", str(tmp_path / "o"), "--dry-run"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "ground" in l)
+    assert "(dummy)" not in line
