@@ -223,6 +223,63 @@ def build_owlv2(directory: Path) -> None:
     _save(model, directory, processor)
 
 
+def build_omdet_turbo(directory: Path) -> None:
+    """OmDet-Turbo: Swin backbone (no timm), 1-layer CLIP text tower, d 32, 20 queries, 128 px images.
+
+    Two quirks of transformers' OmDet-Turbo shape this config: with an HF (not timm) backbone the feature maps
+    are channels-first, so the extra LayerNorms after the backbone (written for timm's channels-last output)
+    must be off; and `class_embed_dim` must differ from `decoder_hidden_dim`, else the decoder lacks its
+    `task_project` layer and fails. Class embeddings pool the text tower at argmax(input_ids), so eos is the
+    highest id (as for OWL).
+    """
+    import torch
+    from transformers import (
+        CLIPTextConfig,
+        DetrImageProcessor,
+        OmDetTurboConfig,
+        OmDetTurboForObjectDetection,
+        SwinConfig,
+    )
+    # The top-level name is a placeholder without torchvision; the class itself needs it only for NMS.
+    from transformers.models.omdet_turbo.processing_omdet_turbo import OmDetTurboProcessor
+
+    tok = _wordpiece_fast(extra_special=(OWL_BOS, OWL_EOS), bos=OWL_BOS, eos=OWL_EOS, post_process=True,
+                          model_max_length=32, padding_side="right")
+    assert tok.eos_token_id == len(tok) - 1  # argmax pooling finds eos
+    backbone = SwinConfig(
+        image_size=128, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+        window_size=7, out_indices=[2, 3, 4],
+    )
+    text = CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = OmDetTurboConfig(
+        use_timm_backbone=False, backbone_config=backbone, text_config=text, image_size=128,
+        apply_layernorm_after_vision_backbone=False,
+        text_projection_in_dim=48, text_projection_out_dim=48, class_embed_dim=48, task_encoder_hidden_dim=64,
+        num_queries=20, encoder_hidden_dim=32, vision_features_channels=[32, 32, 32],
+        encoder_in_channels=[32, 64, 128], encoder_attention_heads=2, encoder_dim_feedforward=64,
+        decoder_hidden_dim=32, decoder_num_heads=2, decoder_num_layers=2, decoder_dim_feedforward=64,
+        decoder_num_points=2,
+    )
+    model = OmDetTurboForObjectDetection(config)
+    with torch.no_grad():
+        # The tiny backbone's features are small next to this Linear's random bias, so every query came out
+        # the same (cosine 0.998) and one class won everywhere at ~0.97; without the bias queries differ,
+        # scores spread over ~0.01-1.0 and the best class varies.
+        model.decoder.encoder_vision_features[0].bias.zero_()
+        # The box heads' last layers start at zero, so every box would be its fixed anchor (5% of the image):
+        # small random weights and a larger width/height bias give boxes of varied size.
+        head = model.decoder.decoder_bbox_head[-1].layers[-1]
+        head.weight.normal_(0.0, 0.2)
+        head.bias.copy_(torch.tensor([0.0, 0.0, 1.5, 1.5]))
+    image_processor = DetrImageProcessor(size={"height": 128, "width": 128}, do_pad=False)
+    processor = OmDetTurboProcessor(image_processor=image_processor, tokenizer=tok)
+    _save(model, directory, processor)
+
+
 def build_clip(directory: Path) -> None:
     """CLIP (for box re-scoring): tiny text and vision towers, 32 px images, OWL-style WordPiece tokenizer."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -319,6 +376,7 @@ def _vision_keys_for_vllm(path: Path) -> None:
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "grounding-dino": build_grounding_dino,
     "owlv2": build_owlv2,
+    "omdet-turbo": build_omdet_turbo,
     "clip": build_clip,
     "llama-chat": build_llama_chat,
     "llama-chat-bpe": build_llama_chat_bpe,
