@@ -183,6 +183,27 @@ def _ray_init(config: PipelineConfig, address: str | None) -> None:
         )
 
 
+def _check_actor_cpus(config: PipelineConfig) -> None:
+    """Actor pools hold their CPUs for the whole run: if they ask for more than the cluster has, Ray waits
+    forever without a word. Refuse such a plan up front instead."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    wanted = {
+        name: getattr(config.stages, name).resources.num_cpus * getattr(config.stages, name).resources.concurrency
+        for name in stage_names(config)
+        if uses_model(name, config)
+    }
+    # the CPU stages and the read tasks need something too
+    if sum(wanted.values()) + config.read.num_cpus > total:
+        detail = ", ".join(f"{n} {c:g}" for n, c in wanted.items())
+        raise RunError(
+            f"the actor pools need {sum(wanted.values()):g} CPUs ({detail}) plus {config.read.num_cpus:g} for "
+            f"reading, but Ray has {total:g}: lower stages.*.resources.num_cpus / concurrency "
+            "(fractions are fine, e.g. 0.25) or raise ray.num_cpus"
+        )
+
+
 def build_dataset(units: list[Unit], config: PipelineConfig):
     """The Ray Data plan: read → decode → model stages → filter, as pyarrow batches of SCHEMA rows."""
     import ray.data
@@ -361,6 +382,7 @@ def run(
     log.info("%d units planned, %d already complete, %d to do", len(units), len(done), len(todo))
     if todo:
         _ray_init(config, ray_address)
+        _check_actor_cpus(config)
         writer = ShardWriter(
             output, expected={u.index: u.stop - u.start for u in todo}, seen_keys=completed_keys(output, sorted(done))
         )

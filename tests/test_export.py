@@ -1,6 +1,7 @@
-"""Exporters, each read back by its consumer: pycocotools for COCO, HF datasets for the parquet index,
-webdataset for the shards, and the published formats for ODVG (Open-GroundingDino / mmdet ODVGDataset),
-YOLO (Ultralytics layout) and Label Studio (tasks with rectanglelabels predictions)."""
+"""Exporters, each read back by its consumer: pycocotools and roboflow supervision for COCO, supervision and
+the Ultralytics layout for YOLO, HF datasets for the parquet index, webdataset for the shards, and the
+published formats for ODVG (Open-GroundingDino / mmdet ODVGDataset) and Label Studio (tasks with
+rectanglelabels predictions)."""
 
 from __future__ import annotations
 
@@ -164,6 +165,62 @@ def test_yolo_layout_labels_and_data_yaml(run_dir, tmp_path):
             assert CATEGORIES[cls] == category
             back = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
             assert back == pytest.approx(xyxy, abs=1e-3 * max(w, h))
+
+
+def _supervision():
+    with warnings.catch_warnings():  # without opencv it warns that it uses its NumPy fallback; that is fine
+        warnings.simplefilter("ignore")
+        import supervision
+
+    return supervision
+
+
+def _assert_supervision_dataset_matches_run(dataset) -> None:
+    """A supervision DetectionDataset holds exactly the run's ok images, each with the run's clipped boxes."""
+    assert dataset.classes == CATEGORIES
+    assert len(dataset) == OK_IMAGES
+    expected = expected_boxes()
+    seen = set()
+    for path in dataset.image_paths:
+        key = "img/" + Path(path).stem.split("_")[1]
+        seen.add(key)
+        detections = dataset.annotations[path]
+        want = expected[key]
+        assert len(detections) == len(want)
+        assert [dataset.classes[c] for c in detections.class_id] == [category for _, category, _, _ in want]
+        for got, (xyxy, _, _, _) in zip(detections.xyxy.tolist(), want):
+            assert got == pytest.approx(xyxy, abs=0.02)  # normalised floats (YOLO) or 2 decimals (COCO)
+    assert seen == set(expected)
+
+
+def test_yolo_and_coco_load_in_supervision(run_dir, tmp_path):
+    """Read back with a real consumer: roboflow supervision's DetectionDataset.from_yolo / from_coco."""
+    sv = _supervision()
+
+    export("yolo", run_dir, tmp_path / "yolo")
+    # supervision reads one flat images folder with its labels folder; the export has one folder per shard
+    shards = sorted(p.name for p in (tmp_path / "yolo" / "images" / "train").iterdir())
+    assert shards == ["000000", "000001"]
+    parts = [
+        sv.DetectionDataset.from_yolo(
+            images_directory_path=str(tmp_path / "yolo" / "images" / "train" / shard),
+            annotations_directory_path=str(tmp_path / "yolo" / "labels" / "train" / shard),
+            data_yaml_path=str(tmp_path / "yolo" / "data.yaml"),
+        )
+        for shard in shards
+    ]
+    assert all(part.classes == CATEGORIES for part in parts)
+    _assert_supervision_dataset_matches_run(sv.DetectionDataset.merge(parts))
+
+    export("coco", run_dir, tmp_path / "coco")
+    coco = sv.DetectionDataset.from_coco(
+        images_directory_path=str(tmp_path / "coco"), annotations_path=str(tmp_path / "coco" / "annotations.json")
+    )
+    _assert_supervision_dataset_matches_run(coco)
+    path, image, detections = coco[0]  # images load, at the size the boxes refer to
+    record = next(r for r in make_records() if r.key == "img/" + Path(path).stem.split("_")[1])
+    assert image.shape[:2] == (record.height, record.width)
+    assert list(detections["class_name"]) == [CATEGORIES[c] for c in detections.class_id]
 
 
 def test_labelstudio_tasks_with_percent_rectangles(run_dir, tmp_path):

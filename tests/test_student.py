@@ -362,6 +362,65 @@ def test_selftrain_chains_student_into_next_teacher(tmp_path, monkeypatch):
     assert pipeline.stages.ground.model == "IDEA-Research/grounding-dino-tiny"  # the input config is untouched
 
 
+# pipelines/selftrain.yaml on this test's 2 cores: tiny teacher, every stage on a fraction of a CPU (with
+# one CPU per actor, as the yaml asks, two nltk actors and the teacher want 3 CPUs and the run waits forever).
+SELFTRAIN_OFFLINE = [
+    "stages.recaption.backend=passthrough", "stages.extract.backend=nltk",
+    "stages.ground.model=tiny:grounding-dino", "stages.ground.box_threshold=0.05",
+    "stages.ground.text_threshold=0.05", "stages.ground.resources.num_gpus=0", "stages.decode.max_side=128",
+    "stages.decode.resources.concurrency=1", "stages.extract.resources.concurrency=1",
+    *(f"stages.{s}.resources.num_cpus=0.25" for s in ("decode", "extract", "ground", "filter")), "ray.num_cpus=2",
+]
+
+
+@pytest.mark.slow
+def test_selftrain_two_real_rounds_student_becomes_teacher(tmp_path, model_cache, tiny_gdino):
+    """`granucap selftrain` for real (Ray pipeline + trainer, ~25 s): round 1 labels with round 0's student."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForZeroShotObjectDetection
+
+    from engine.demo import write_demo_input
+
+    write_demo_input(tmp_path / "in", samples=8, per_tar=8, seed=0)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(FAST | {"torch_threads": 1}))
+    out = tmp_path / "st"
+    sets = [arg for s in [*SELFTRAIN_OFFLINE, f"cache_dir={model_cache}"] for arg in ("--set", s)]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "selftrain", str(root / "pipelines" / "selftrain.yaml"),
+         "-i", str(tmp_path / "in"), "-o", str(out), "--rounds", "2", "--config", str(config),
+         "--model", tiny_gdino, "--steps", "2", "--checkpoint-every", "2", *sets],
+        env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, cwd=root, capture_output=True,
+        text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    history = json.loads(done.stdout)
+    student0 = str((out / "round-0" / "student").resolve())
+    assert [h["round"] for h in history] == [0, 1]
+    assert [h["teacher"] for h in history] == ["tiny:grounding-dino", student0]
+
+    boxes = []
+    for n, teacher in enumerate(["tiny:grounding-dino", student0]):
+        manifest = json.loads((out / f"round-{n}" / "data" / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["units"] == {"planned": 1, "complete": 1}
+        assert manifest["models"]["ground"]["model"] == teacher
+        counts = manifest["counts"]
+        assert counts == history[n]["counts"]
+        assert counts["read"] == 8 == counts["ok"] + counts["rejected"] + counts["failed"]
+        assert counts["rejected"] == 1 and counts["ok"] == 7 and counts["boxes"] > 0  # the demo's broken image
+        rows = pq.read_table(out / f"round-{n}" / "data" / "index").to_pylist()
+        assert len(rows) == 8
+        assert {b["teacher"] for r in rows for b in r["boxes"] or []} == {teacher}
+        boxes.append({r["key"]: [(b["xyxy"], b["score"]) for b in r["boxes"] or []] for r in rows})
+
+        summary = json.loads((out / f"round-{n}" / "student" / "train_summary.json").read_text())
+        assert summary["steps_run"] == 2 == history[n]["train"]["steps_run"]
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(out / f"round-{n}" / "student")
+        assert type(model).__name__ == "GroundingDinoForObjectDetection"
+    # the student's weights did the labelling in round 1, not the first teacher's under another name
+    assert boxes[0] != boxes[1]
+
+
 def test_train_cli_rejects_bad_values_and_non_runs(tmp_path, capsys):
     from engine.cli import main
 

@@ -60,3 +60,12 @@ def test_an_empty_tar_gives_an_empty_complete_run(tmp_path, model_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["read"] == 0
+
+
+def test_actor_pools_that_cannot_fit_are_refused_not_left_waiting(tmp_path, demo_input, model_cache):
+    proc = run_cli("run", "pipelines/glip.yaml", "-i", str(demo_input), "-o", str(tmp_path / "out"), "-q",
+                   "--set", "ray.num_cpus=2", "--set", "stages.ground.model=tiny:grounding-dino",
+                   "--set", "stages.ground.resources.num_gpus=0", "--set", f"cache_dir={model_cache}")
+    assert proc.returncode == 1
+    assert "actor pools need 3 CPUs" in proc.stderr and "Ray has 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
