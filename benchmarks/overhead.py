@@ -1,17 +1,20 @@
-"""Overhead: end-to-end wall time of `granucap run` vs the summed compute time of its model stages.
+"""Overhead: end-to-end wall time of `granucap run` vs the summed compute time of its stages.
 
-The compute time is each model stage run in one process over the same decoded records, timed around its
-calls only (models loaded before the clock starts), with as many torch threads as the stage's Ray worker
-gets (Ray sets OMP_NUM_THREADS to the worker's whole CPUs, at least 1); the end-to-end run adds reading,
-Arrow batches through Ray, the driver-side writer and Ray's start. Run by hand:
+The compute time is each stage run in one process over the same records, one after the other, timed around
+its calls only (models loaded before the clock starts), with torch on all of the machine's cores: what a
+plain sequential script would spend. The end-to-end run adds everything granucap does around that: the CLI,
+Ray's start and stop, worker and actor start with model loading, reading, Arrow batches through Ray's object
+store, the driver-side writer, the manifest. With two sizes, the script also splits the end-to-end time into
+a fixed start cost and a per-sample (steady-state) overhead from the difference between the sizes. Run by hand:
 
-    python benchmarks/overhead.py --samples 2000            # GLIP path on tiny models: nltk + tiny GDINO
+    python benchmarks/overhead.py --samples 2000 10000     # GLIP path on tiny models: nltk + tiny GDINO
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +32,8 @@ def stage_compute_seconds(inp: Path, overrides: list[str], batch: int) -> dict[s
     config = load_config(ROOT / "pipelines" / "smoke.yaml", overrides)
     records = [r for u in plan_units([str(inp)], shard_size=10**9) for r in read_unit(u)]
     seconds: dict[str, float] = {}
+    torch.set_num_threads(os.cpu_count() or 1)
     for name in stage_names(config):
-        torch.set_num_threads(max(1, int(getattr(config.stages, name).resources.num_cpus)))
         stage = build_stage(name, config)
         stage.setup()
         stage._ready = True
@@ -44,36 +47,53 @@ def stage_compute_seconds(inp: Path, overrides: list[str], batch: int) -> dict[s
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--shard-size", type=int, default=250)
-    args = parser.parse_args()
+def measure(samples: int, args) -> dict:
     from engine.demo import write_demo_input
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_demo_input(tmp / "in", samples=args.samples, per_tar=500, seed=0)
+        write_demo_input(tmp / "in", samples=samples, per_tar=500, seed=0)
         overrides = ["stages.recaption.backend=passthrough", "stages.extract.backend=nltk",
                      f"cache_dir={tmp / 'cache'}", f"write.shard_size={args.shard_size}",
-                     "stages.ground.resources.batch_size=8", "stages.decode.resources.batch_size=64"]
+                     "stages.ground.resources.batch_size=8", "stages.decode.resources.batch_size=64",
+                     f"stages.ground.resources.concurrency={args.ground_actors}"]
         run = run_cli(["run", "pipelines/smoke.yaml", "-i", str(tmp / "in"), "-o", str(tmp / "out"), "-q",
                        *sum((["--set", o] for o in overrides), [])])
         if run["returncode"] != 0:
             raise SystemExit(run["stderr"][-3000:])
         compute = stage_compute_seconds(tmp / "in", overrides, batch=8)
-        model = sum(v for k, v in compute.items() if "(cpu)" not in k)
-        everything = sum(compute.values())
         counts = json.loads(run["stdout"].strip().splitlines()[-1])
-    print(f"samples: {args.samples}  (ok {counts['ok']}, rejected {counts['rejected']}, failed {counts['failed']})")
-    print(f"{'what':<44}{'seconds':>10}")
-    for name, sec in compute.items():
-        print(f"{'  ' + name + ' (in-process compute)':<44}{sec:>10.1f}")
-    print(f"{'model stages, summed compute':<44}{model:>10.1f}")
-    print(f"{'all stages, summed compute':<44}{everything:>10.1f}")
-    print(f"{'granucap run, end to end (incl. Ray start)':<44}{run['seconds']:>10.1f}")
-    print(f"overhead vs model compute: {run['seconds'] / model - 1:+.1%}   "
-          f"vs all-stage compute: {run['seconds'] / everything - 1:+.1%}   (target <= +10%)")
+    return {"samples": samples, "compute": compute, "e2e": run["seconds"], "counts": counts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, nargs="+", default=[2000],
+                        help="input sizes; with two or more, the per-sample overhead is split from the fixed cost")
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--ground-actors", type=int, default=os.cpu_count() or 1,
+                        help="ground stage actors (each gets 1 torch thread from Ray at num_cpus 0.25)")
+    args = parser.parse_args()
+    results = [measure(n, args) for n in args.samples]
+    print(f"cpus {os.cpu_count()}, ground actors {args.ground_actors}; compute = sequential, in one process, "
+          f"torch on {os.cpu_count()} threads")
+    names = list(results[0]["compute"])
+    print(f"{'samples':<30}" + "".join(f"{r['samples']:>10}" for r in results))
+    for name in names:
+        print(f"{'  ' + name:<30}" + "".join(f"{r['compute'][name]:>10.1f}" for r in results))
+    for r in results:
+        r["sum"] = sum(r["compute"].values())
+    print(f"{'all stages, summed compute':<30}" + "".join(f"{r['sum']:>10.1f}" for r in results))
+    print(f"{'granucap run, end to end':<30}" + "".join(f"{r['e2e']:>10.1f}" for r in results))
+    print(f"{'overhead':<30}" + "".join(f"{r['e2e'] / r['sum'] - 1:>+10.1%}" for r in results))
+    print(f"{'ok / rejected / failed':<30}" + "".join(
+        f"{'{ok}/{rejected}/{failed}'.format(**r['counts']):>10}" for r in results))
+    if len(results) >= 2:
+        a, b = results[0], results[-1]
+        per_sample = (b["e2e"] - a["e2e"]) / (b["sum"] - a["sum"])
+        fixed = a["e2e"] - per_sample * a["sum"]
+        print(f"steady state: end to end = {fixed:.1f} s fixed + {per_sample:.3f} x compute "
+              f"(per-sample overhead {per_sample - 1:+.1%}, target <= +10%)")
 
 
 if __name__ == "__main__":

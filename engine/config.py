@@ -177,7 +177,9 @@ class FilterSpec(_Strict):
 class ReadSpec(_Strict):
     """The read tasks that stream work units out of the input files."""
 
-    concurrency: int = Field(2, ge=1)  # read tasks at once; more only fill the object store faster
+    # Read tasks at once. One reader outpaces many decoders (it only slices tar/parquet members); each more
+    # keeps one more worker process (~250 MB) alive. Raise it for slow (network) storage.
+    concurrency: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)
     chunk_rows: int = Field(64, ge=1)  # rows per block handed to the decode stage
 

@@ -244,12 +244,13 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
     from dataclasses import asdict
 
     from engine.io.readers import plan_units
-    from engine.runner import check_stage_inputs, describe_models, stage_names, uses_model
+    from engine.runner import check_stage_inputs, describe_models, operators, stage_names, uses_model
     from engine.stages.write import completed_units
 
     check_stage_inputs(config)
     models = describe_models(config)
     stages = []
+    host = {name: group[0] for group in operators(config) for name in group}
     for name in stage_names(config):
         spec = getattr(config.stages, name)
         model = getattr(spec, "model", None)
@@ -259,7 +260,8 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
                 "backend": getattr(spec, "backend", "-"),
                 "model": model,
                 "dummy": models.get(name, {}).get("dummy_weights", False),
-                "runs_as": "actor pool" if uses_model(name, config) else "tasks",
+                "runs_as": ("actor pool" if uses_model(name, config) else "tasks") if host[name] == name
+                else f"in {host[name]}'s actors",
                 **spec.resources.model_dump(),
             }
         )

@@ -1,7 +1,11 @@
 """The runner: plan work units, map the stages onto Ray Data, write shards on the driver, keep the manifest.
 
-    units ─► read (tasks) ─► decode (tasks) ─► recaption ─► extract ─► ground (actor pools) ─► filter (tasks)
+    units ─► read (tasks) ─► decode (tasks) ─► recaption ─► extract ─► ground + filter (actor pools)
           ─► driver: ShardWriter (one shard per unit, marker last) ─► manifest.json
+
+A CPU stage right after a model stage (filter after ground) runs inside that stage's actors: its batches do
+not make another trip through the object store, and no task worker (≈ 250 MB with Ray Data loaded) is kept
+alive for it.
 
 Ray starts embedded on this machine unless an address is given. Output order is preserved so that units
 complete one after another and the driver holds at most a few units' rows at a time.
@@ -111,6 +115,18 @@ def uses_model(name: str, config: PipelineConfig) -> bool:
     return name in MODEL_STAGES and backend != "passthrough"
 
 
+def operators(config: PipelineConfig) -> list[tuple[str, ...]]:
+    """The stages grouped into Ray Data operators, in order: each model stage takes the CPU stages right
+    after it into its actors (their `resources` are then unused); other CPU stages are task operators."""
+    groups: list[tuple[str, ...]] = []
+    for name in stage_names(config):
+        if groups and not uses_model(name, config) and uses_model(groups[-1][0], config):
+            groups[-1] += (name,)
+        else:
+            groups.append((name,))
+    return groups
+
+
 def _read_units(batch: pa.Table, *, chunk_rows: int) -> Iterator[pa.Table]:
     for row in batch.to_pylist():
         rows: list[Record] = []
@@ -149,17 +165,23 @@ def _chaos(name: str) -> None:
 
 
 class _StageActor:
-    """One model stage per Ray actor: the model loads once, then serves batch after batch."""
+    """One model stage (and the CPU stages fused after it) per Ray actor: the model loads once, then serves
+    batch after batch."""
 
-    def __init__(self, *, name: str, config_json: str) -> None:
-        self.name = name
-        self.stage = build_stage(name, PipelineConfig.model_validate_json(config_json))
-        self.stage.setup()
-        self.stage._ready = True
+    def __init__(self, *, names: tuple[str, ...], config_json: str) -> None:
+        config = PipelineConfig.model_validate_json(config_json)
+        self.names = names
+        self.stages = [build_stage(name, config) for name in names]
+        for stage in self.stages:
+            stage.setup()
+            stage._ready = True
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        _chaos(self.name)
-        return to_table(self.stage(from_table(table)))
+        records = from_table(table)
+        for name, stage in zip(self.names, self.stages):
+            _chaos(name)
+            records = stage(records)
+        return to_table(records)
 
 
 def _ray_init(config: PipelineConfig, address: str | None) -> None:
@@ -220,8 +242,14 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
         batch_format="pyarrow",
         num_cpus=config.read.num_cpus,
         compute=ray.data.TaskPoolStrategy(size=config.read.concurrency),
+        # Never fused with decode: Ray would apply decode's batch_size to the *unit* rows, so one task would
+        # read up to batch_size whole units before anything moves on (no streaming; the first output only
+        # after the last unit). Ray fuses only operators with equal remote args; this one is Ray Data's
+        # default for tasks (retry forever on system failures), spelled out so that decode's args differ.
+        max_retries=-1,
     )
-    for name in stage_names(config):
+    for names in operators(config):
+        name = names[0]
         spec = getattr(config.stages, name)
         res: Resources = spec.resources
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
@@ -231,7 +259,7 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
                 ds = ds.map_batches(
                     _StageActor,
-                    fn_constructor_kwargs={"name": name, "config_json": config_json},
+                    fn_constructor_kwargs={"names": names, "config_json": config_json},
                     compute=ray.data.ActorPoolStrategy(size=res.concurrency),
                     num_gpus=res.num_gpus or None,
                     max_restarts=3,
@@ -406,4 +434,4 @@ def run(
     return manifest
 
 
-__all__ = ["run", "build_dataset", "run_stage_locally", "RunError", "Progress", "SCHEMA"]
+__all__ = ["run", "build_dataset", "operators", "run_stage_locally", "RunError", "Progress", "SCHEMA"]

@@ -115,10 +115,21 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     assert (plan["samples"], plan["units"], plan["complete"], plan["todo"]) == (12, 4, [1], 3)
     assert plan["same_plan_as_output"] is True
     assert [s["stage"] for s in plan["stages"]] == ["decode", "recaption", "extract", "ground", "filter"]
-    assert {s["stage"]: s["runs_as"] for s in plan["stages"]}["ground"] == "actor pool"
+    runs_as = {s["stage"]: s["runs_as"] for s in plan["stages"]}
+    assert (runs_as["decode"], runs_as["ground"], runs_as["filter"]) == ("tasks", "actor pool", "in ground's actors")
     other = plan_summary(config.model_copy(update={"write": config.write.model_copy(update={"shard_size": 5})}),
                          [str(demo_input)], out)
     assert other["same_plan_as_output"] is False and other["complete"] == []
+
+
+def test_cpu_stages_after_a_model_stage_run_in_its_actors():
+    from engine.config import load_config
+    from engine.runner import operators
+
+    glip = load_config("pipelines/smoke.yaml", ["stages.recaption.backend=passthrough", "stages.extract.backend=nltk"])
+    assert operators(glip) == [("decode",), ("recaption",), ("extract",), ("ground", "filter")]
+    fused = load_config("pipelines/granucap-fused.yaml", [])
+    assert operators(fused) == [("decode",), ("annotate",), ("ground", "filter")]
 
 
 def test_dummy_weights_flag_marks_the_teacher_in_the_plan(tmp_path, capsys, demo_input):

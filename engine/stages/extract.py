@@ -60,6 +60,9 @@ class Extract(Stage):
             from engine.nltk_data import ensure_nltk_path
 
             ensure_nltk_path()
+            # NLTK loads WordNet and the tagger lazily, on first use (~3 s): do it here, once per actor,
+            # rather than inside the first batch, where it would hold up every stage behind this one.
+            self._nltk_entities("a cat on a sofa")
         if spec.backend != "nltk":
             options = chat_backend_options(spec, self.cache_dir)
             self.backend = make_chat_backend(spec.backend, BackendSpec(model=spec.model, options=options))
