@@ -8,7 +8,7 @@ records in batches of `--batch` (the stage's Ray Data batch size), with its per-
 provenance and usage accounting. Greedy decoding makes both sides generate the same tokens; the script checks.
 Run by hand in the vLLM environment (`GRANUCAP_VLLM=1 bash install.sh`, or CI's `.venv-vllm`):
 
-    .venv-vllm/bin/python benchmarks/language.py --samples 64 --batch 32     # tiny random-weight models, CPU
+    .venv-vllm/bin/python benchmarks/language.py --samples 64 --batch 64     # tiny random-weight models, CPU
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def bench_extract(records: list, args, cache_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32, help="granucap's stage batch size")
+    parser.add_argument("--batch", type=int, default=64, help="granucap's stage batch size")
     parser.add_argument("--repeat", type=int, default=2, help="best of N timings per side")
     parser.add_argument("--vlm", default="tiny:llava")
     parser.add_argument("--llm", default="tiny:llama-chat-bpe")
