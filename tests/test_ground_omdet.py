@@ -36,10 +36,6 @@ def omdet(model_cache):
     return _backend(model_cache)
 
 
-def _classes(prompt: str) -> set[str]:
-    return {p.strip() for p in prompt.split(".") if p.strip()}
-
-
 def test_tiny_model_loads_with_auto_classes(omdet):
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
@@ -64,35 +60,13 @@ def test_tiny_model_loads_with_auto_classes(omdet):
     assert out.decoder_class_logits.shape == (1, 20, 2) and out.decoder_coord_logits.shape == (1, 20, 4)
 
 
-def test_boxes_in_bounds_and_labels_from_prompt(omdet):
-    images = [_noise(200, 150, 3), _noise(90, 160, 4)]
-    prompts = [["a cat. a dog. remote control.", "sofa."], ["person. red car."]]
-    results = omdet.detect(images, prompts)
-    assert len(results) == 2 and all(results)
-    for image, ps, dets in zip(images, prompts, results):
-        for det in dets:
-            x1, y1, x2, y2 = det.xyxy
-            assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height
-            assert det.score > 0.3
-            assert 0 <= det.prompt_index < len(ps)
-            assert det.label in _classes(ps[det.prompt_index])
-    assert {d.prompt_index for d in results[0]} == {0, 1}
-    assert len({d.label for d in results[0]}) > 2  # the best class varies over the queries
+# Boxes in bounds, labels from the prompt, and batch = single run for OmDet-Turbo in the parametrized
+# tests of tests/test_transformers_backends.py, beside Grounding DINO and OWLv2.
 
 
-def test_batch_equals_single(model_cache):
-    # Different class counts per image: the batch pads class lists, which must not change any image's boxes.
-    backend = _backend(model_cache, batch_size=4)
-    images = [_noise(160, 120, 5), _noise(160, 120, 6)]
-    prompts = [["a cat. a dog."], ["a bowl of fruit. table. chair. a lamp."]]
-    batched = backend.detect(images, prompts)
-    singles = [backend.detect([im], [ps])[0] for im, ps in zip(images, prompts)]
-    for b, s in zip(batched, singles):
-        assert len(b) == len(s) and len(b) > 0
-        for db, ds in zip(b, s):
-            assert db.label == ds.label and db.prompt_index == ds.prompt_index
-            assert db.score == pytest.approx(ds.score, abs=1e-4)
-            assert np.allclose(db.xyxy, ds.xyxy, atol=1e-2)
+def test_best_class_varies_over_queries(omdet):
+    dets = omdet.detect([_noise(200, 150, 3)], [["a cat. a dog. remote control.", "sofa."]])[0]
+    assert len({d.label for d in dets}) > 2
 
 
 def test_higher_threshold_never_more_boxes(model_cache):
