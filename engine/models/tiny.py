@@ -198,19 +198,26 @@ def build_grounding_dino(directory: Path) -> None:
     _save(model, directory, processor)
 
 
+def _clip_style_text(max_len: int, hidden_size: int = 32) -> tuple[Any, dict]:
+    """The OWL-style WordPiece tokenizer and a one-layer text tower config (kwargs) for the CLIP-like models.
+    Their text towers pool at argmax(input_ids), so eos must be the highest id."""
+    tok = _wordpiece_fast(extra_special=(OWL_BOS, OWL_EOS), bos=OWL_BOS, eos=OWL_EOS, post_process=True,
+                          model_max_length=max_len, padding_side="right")
+    assert tok.eos_token_id == len(tok) - 1  # argmax pooling finds eos
+    text = dict(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=max_len, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    return tok, text
+
+
 def build_owlv2(directory: Path) -> None:
     """OWLv2: tiny CLIP-like text and vision towers, 64 px images, 16 text positions."""
     import torch
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
-    tok = _wordpiece_fast(extra_special=(OWL_BOS, OWL_EOS), bos=OWL_BOS, eos=OWL_EOS, post_process=True,
-                          model_max_length=16, padding_side="right")
-    assert tok.eos_token_id == len(tok) - 1  # argmax pooling finds eos
-    text = dict(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    tok, text = _clip_style_text(16)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   image_size=64, patch_size=16)
     config = Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
@@ -243,20 +250,13 @@ def build_omdet_turbo(directory: Path) -> None:
     # The top-level name is a placeholder without torchvision; the class itself needs it only for NMS.
     from transformers.models.omdet_turbo.processing_omdet_turbo import OmDetTurboProcessor
 
-    tok = _wordpiece_fast(extra_special=(OWL_BOS, OWL_EOS), bos=OWL_BOS, eos=OWL_EOS, post_process=True,
-                          model_max_length=32, padding_side="right")
-    assert tok.eos_token_id == len(tok) - 1  # argmax pooling finds eos
+    tok, text = _clip_style_text(32, hidden_size=48)
     backbone = SwinConfig(
         image_size=128, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
         window_size=7, out_indices=[2, 3, 4],
     )
-    text = CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
     config = OmDetTurboConfig(
-        use_timm_backbone=False, backbone_config=backbone, text_config=text, image_size=128,
+        use_timm_backbone=False, backbone_config=backbone, text_config=CLIPTextConfig(**text), image_size=128,
         apply_layernorm_after_vision_backbone=False,
         text_projection_in_dim=48, text_projection_out_dim=48, class_embed_dim=48, task_encoder_hidden_dim=64,
         num_queries=20, encoder_hidden_dim=32, vision_features_channels=[32, 32, 32],
@@ -284,13 +284,7 @@ def build_clip(directory: Path) -> None:
     """CLIP (for box re-scoring): tiny text and vision towers, 32 px images, OWL-style WordPiece tokenizer."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tok = _wordpiece_fast(extra_special=(OWL_BOS, OWL_EOS), bos=OWL_BOS, eos=OWL_EOS, post_process=True,
-                          model_max_length=16, padding_side="right")
-    text = dict(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    tok, text = _clip_style_text(16)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   image_size=32, patch_size=8)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
