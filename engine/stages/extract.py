@@ -60,10 +60,12 @@ class Extract(Stage):
             from engine.nltk_data import ensure_nltk_path
 
             ensure_nltk_path()
+        if spec.backend == "nltk":
             # NLTK loads WordNet and the tagger lazily, on first use (~3 s): do it here, once per actor,
-            # rather than inside the first batch, where it would hold up every stage behind this one.
+            # rather than inside the first batch, where it would hold up every stage behind this one. (A
+            # fallback may never be used: it keeps loading them lazily, WordNet alone is ~500 MB.)
             self._nltk_entities("a cat on a sofa")
-        if spec.backend != "nltk":
+        else:
             options = chat_backend_options(spec, self.cache_dir)
             self.backend = make_chat_backend(spec.backend, BackendSpec(model=spec.model, options=options))
 
