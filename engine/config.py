@@ -36,6 +36,8 @@ class DecodeSpec(_Strict):
     min_side: int = Field(8, ge=1)  # smaller images are rejected
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_caption_chars: int = Field(4000, ge=1)  # longer captions are cut to this
+    # Decode runs in the tasks that read the input (see engine/runner.py): `concurrency` of them at once, each
+    # reading one work unit and decoding it `batch_size` rows at a time, one block per batch.
     resources: Resources = Resources(batch_size=32)
 
 
@@ -174,16 +176,6 @@ class FilterSpec(_Strict):
     resources: Resources = Resources(batch_size=64)
 
 
-class ReadSpec(_Strict):
-    """The read tasks that stream work units out of the input files."""
-
-    # Read tasks at once. One reader outpaces many decoders (it only slices tar/parquet members); each more
-    # keeps one more worker process (~250 MB) alive. Raise it for slow (network) storage.
-    concurrency: int = Field(1, ge=1)
-    num_cpus: float = Field(0.25, gt=0)
-    chunk_rows: int = Field(64, ge=1)  # rows per block handed to the decode stage
-
-
 class WriteSpec(_Strict):
     shard_size: int = Field(1000, ge=1)  # samples per work unit and output shard
 
@@ -209,9 +201,18 @@ class PipelineConfig(_Strict):
     seed: int = 0
     cache_dir: str | None = None  # where tiny models are built; default ~/.cache/granucap
     stages: StagesSpec
-    read: ReadSpec = ReadSpec()
     write: WriteSpec = WriteSpec()
     ray: RaySpec = RaySpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_read_section(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "read" in data:
+            raise ValueError(
+                "the `read` section is gone: the input is read inside the decode stage's tasks; set "
+                "stages.decode.resources (concurrency: tasks at once, num_cpus, batch_size: rows per block) instead"
+            )
+        return data
 
     @field_validator("name")
     @classmethod

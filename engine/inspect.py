@@ -251,6 +251,12 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
     models = describe_models(config)
     stages = []
     host = {name: group[0] for group in operators(config) for name in group}
+
+    def runs_as(name: str) -> str:
+        pool = "actors" if uses_model(host[name], config) else "tasks"
+        if host[name] != name:
+            return f"in {host[name]}'s {pool}"
+        return "actor pool" if pool == "actors" else "tasks that read the input"
     for name in stage_names(config):
         spec = getattr(config.stages, name)
         model = getattr(spec, "model", None)
@@ -260,8 +266,7 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
                 "backend": getattr(spec, "backend", "-"),
                 "model": model,
                 "dummy": models.get(name, {}).get("dummy_weights", False),
-                "runs_as": ("actor pool" if uses_model(name, config) else "tasks") if host[name] == name
-                else f"in {host[name]}'s actors",
+                "runs_as": runs_as(name),
                 **spec.resources.model_dump(),
             }
         )

@@ -1,11 +1,13 @@
 """The runner: plan work units, map the stages onto Ray Data, write shards on the driver, keep the manifest.
 
-    units ─► read (tasks) ─► decode (tasks) ─► recaption ─► extract ─► ground + filter (actor pools)
+    units ─► read + decode (tasks) ─► recaption ─► extract ─► ground + filter (actor pools)
           ─► driver: ShardWriter (one shard per unit, marker last) ─► manifest.json
 
-A CPU stage right after a model stage (filter after ground) runs inside that stage's actors: its batches do
-not make another trip through the object store, and no task worker (≈ 250 MB with Ray Data loaded) is kept
-alive for it.
+Each task reads one work unit and runs decode (and any CPU stage before the first model stage, e.g. a
+passthrough recaption) on it `decode.resources.batch_size` rows at a time, yielding one block per batch; the
+raw image bytes never go through the object store, and one pool of task workers serves both. Likewise a
+CPU stage right after a model stage (filter after ground) runs inside that stage's actors. Every operator
+kept is another worker process (≈ 250 MB with Ray Data loaded) alive next to the others for the whole run.
 
 Ray starts embedded on this machine unless an address is given. Output order is preserved so that units
 complete one after another and the driver holds at most a few units' rows at a time.
@@ -108,35 +110,47 @@ def run_stage_locally(records: list[Record], config: PipelineConfig) -> list[Rec
 
 
 def uses_model(name: str, config: PipelineConfig) -> bool:
-    """Whether a stage loads something heavy once (a model, or WordNet + the tagger for `nltk`) and so runs
-    in an actor pool, or is plain CPU work that runs as tasks. As tasks, every worker process that ever ran
-    the nltk extractor would keep its own copy of WordNet (~400 MB each)."""
+    """Whether a stage loads something heavy once (a model, or the noun lexicon + the tagger for `nltk`) and
+    so runs in an actor pool, or is plain CPU work that runs as tasks. As tasks, every worker process that
+    ever ran the nltk extractor would keep its own copy of them."""
     backend = getattr(getattr(config.stages, name), "backend", None)
     return name in MODEL_STAGES and backend != "passthrough"
 
 
 def operators(config: PipelineConfig) -> list[tuple[str, ...]]:
-    """The stages grouped into Ray Data operators, in order: each model stage takes the CPU stages right
-    after it into its actors (their `resources` are then unused); other CPU stages are task operators."""
+    """The stages grouped into Ray Data operators, in order. The first group is decode with the CPU stages
+    up to the first model stage: it runs in the read tasks with decode's `resources`. Each model stage takes
+    the CPU stages right after it into its actors. A joined stage's own `resources` are unused."""
     groups: list[tuple[str, ...]] = []
     for name in stage_names(config):
-        if groups and not uses_model(name, config) and uses_model(groups[-1][0], config):
+        if groups and not uses_model(name, config) and (uses_model(groups[-1][0], config) or len(groups) == 1):
             groups[-1] += (name,)
         else:
             groups.append((name,))
     return groups
 
 
-def _read_units(batch: pa.Table, *, chunk_rows: int) -> Iterator[pa.Table]:
+def _read_units(batch: pa.Table, *, names: tuple[str, ...], config_json: str) -> Iterator[pa.Table]:
+    """Read each unit of `batch` and run the stages `names` (decode first) on it, `decode.resources.batch_size`
+    rows at a time; one block per batch, yielded as soon as it is done."""
+    config = PipelineConfig.model_validate_json(config_json)
+    stages = [build_stage(name, config) for name in names]
+    rows_per_block = config.stages.decode.resources.batch_size
+
+    def block(rows: list[Record]) -> pa.Table:
+        for stage in stages:
+            rows = stage(rows)
+        return to_table(rows)
+
     for row in batch.to_pylist():
         rows: list[Record] = []
         for record in read_unit(Unit(**row)):
             rows.append(record)
-            if len(rows) == chunk_rows:
-                yield to_table(rows)
+            if len(rows) == rows_per_block:
+                yield block(rows)
                 rows = []
         if rows:
-            yield to_table(rows)
+            yield block(rows)
 
 
 def _run_stage_task(table: pa.Table, *, name: str, config_json: str) -> pa.Table:
@@ -216,18 +230,19 @@ def _check_actor_cpus(config: PipelineConfig) -> None:
         for name in stage_names(config)
         if uses_model(name, config)
     }
-    # the CPU stages and the read tasks need something too
-    if sum(wanted.values()) + config.read.num_cpus > total:
+    # at least one read + decode task must fit beside them
+    reading = config.stages.decode.resources.num_cpus
+    if sum(wanted.values()) + reading > total:
         detail = ", ".join(f"{n} {c:g}" for n, c in wanted.items())
         raise RunError(
-            f"the actor pools need {sum(wanted.values()):g} CPUs ({detail}) plus {config.read.num_cpus:g} for "
-            f"reading, but Ray has {total:g}: lower stages.*.resources.num_cpus / concurrency "
+            f"the actor pools need {sum(wanted.values()):g} CPUs ({detail}) plus {reading:g} for reading and "
+            f"decoding, but Ray has {total:g}: lower stages.*.resources.num_cpus / concurrency "
             "(fractions are fine, e.g. 0.25) or raise ray.num_cpus"
         )
 
 
 def build_dataset(units: list[Unit], config: PipelineConfig):
-    """The Ray Data plan: read → decode → model stages → filter, as pyarrow batches of SCHEMA rows."""
+    """The Ray Data plan: read + decode → model stages → filter, as pyarrow batches of SCHEMA rows."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -235,20 +250,21 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
     ctx.enable_progress_bars = False
     config_json = config.model_dump_json()
     ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(len(units), 1))
+    first, *rest = operators(config)
+    reading: Resources = config.stages.decode.resources
     ds = ds.map_batches(
         _read_units,
-        fn_kwargs={"chunk_rows": config.read.chunk_rows},
-        batch_size=1,
+        fn_kwargs={"names": first, "config_json": config_json},
+        batch_size=1,  # one unit per task; the task batches its rows itself
         batch_format="pyarrow",
-        num_cpus=config.read.num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=config.read.concurrency),
-        # Never fused with decode: Ray would apply decode's batch_size to the *unit* rows, so one task would
-        # read up to batch_size whole units before anything moves on (no streaming; the first output only
-        # after the last unit). Ray fuses only operators with equal remote args; this one is Ray Data's
-        # default for tasks (retry forever on system failures), spelled out so that decode's args differ.
+        num_cpus=reading.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=reading.concurrency),
+        # Ray Data's default for tasks (retry forever on system failures), spelled out: Ray fuses only map
+        # operators with equal remote args, and fused into a later operator the unit rows would be bundled
+        # to its batch_size (one task reading many whole units before anything moves on).
         max_retries=-1,
     )
-    for names in operators(config):
+    for names in rest:
         name = names[0]
         spec = getattr(config.stages, name)
         res: Resources = spec.resources

@@ -46,6 +46,12 @@ def test_unknown_key_is_an_error():
     assert "box_treshold" in str(err.value)
 
 
+def test_the_removed_read_section_says_where_its_settings_went():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(dict(MINIMAL), ["read.concurrency=2"])
+    assert "stages.decode.resources" in str(err.value)
+
+
 def test_model_backend_without_model_is_an_error():
     with pytest.raises(ConfigError) as err:
         config_from_dict(dict(MINIMAL), ["stages.extract.backend=transformers"])

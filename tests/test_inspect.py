@@ -116,18 +116,24 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     assert plan["same_plan_as_output"] is True
     assert [s["stage"] for s in plan["stages"]] == ["decode", "recaption", "extract", "ground", "filter"]
     runs_as = {s["stage"]: s["runs_as"] for s in plan["stages"]}
-    assert (runs_as["decode"], runs_as["ground"], runs_as["filter"]) == ("tasks", "actor pool", "in ground's actors")
+    assert (runs_as["decode"], runs_as["ground"], runs_as["filter"]) == (
+        "tasks that read the input", "actor pool", "in ground's actors")
     other = plan_summary(config.model_copy(update={"write": config.write.model_copy(update={"shard_size": 5})}),
                          [str(demo_input)], out)
     assert other["same_plan_as_output"] is False and other["complete"] == []
 
 
-def test_cpu_stages_after_a_model_stage_run_in_its_actors():
+def test_cpu_stages_run_in_the_read_tasks_or_the_actors_of_the_model_stage_before_them(demo_input, tmp_path):
     from engine.config import load_config
+    from engine.inspect import plan_summary
     from engine.runner import operators
 
     glip = load_config("pipelines/smoke.yaml", ["stages.recaption.backend=passthrough", "stages.extract.backend=nltk"])
-    assert operators(glip) == [("decode",), ("recaption",), ("extract",), ("ground", "filter")]
+    assert operators(glip) == [("decode", "recaption"), ("extract",), ("ground", "filter")]
+    runs_as = {s["stage"]: s["runs_as"] for s in plan_summary(glip, [str(demo_input)], tmp_path / "out")["stages"]}
+    assert runs_as["recaption"] == "in decode's tasks"
+    assert operators(load_config("pipelines/smoke.yaml", [])) == [
+        ("decode",), ("recaption",), ("extract",), ("ground", "filter")]
     fused = load_config("pipelines/granucap-fused.yaml", [])
     assert operators(fused) == [("decode",), ("annotate",), ("ground", "filter")]
 

@@ -28,19 +28,40 @@ def physical_plan(config, demo_input, capsys) -> list[str]:
     return ops[::-1]
 
 
-def test_read_stays_its_own_operator_when_decode_could_fuse_with_it(ray_session, demo_input, capsys):
-    # Same task pool size and CPUs: Ray would fuse read into decode and apply decode's batch_size to units.
+def test_decode_runs_in_the_read_tasks_and_nothing_fuses_into_them(ray_session, demo_input, capsys):
+    # Same CPUs and pool size as the extract actors: still one read + decode task operator of its own.
     config = load_config("pipelines/smoke.yaml", GLIP + [
-        "read.concurrency=1", "read.num_cpus=0.25",
-        "stages.decode.resources.concurrency=1", "stages.decode.resources.num_cpus=0.25"])
+        "stages.decode.resources.concurrency=1", "stages.decode.resources.num_cpus=0.25",
+        "stages.extract.resources.concurrency=1", "stages.extract.resources.num_cpus=0.25"])
     ops = physical_plan(config, demo_input, capsys)
     assert ops[1] == "TaskPoolMapOperator[MapBatches(_read_units)]"
     assert "_read_units" not in "".join(ops[2:])
 
 
+def test_read_tasks_yield_decoded_blocks_of_decode_batch_size(demo_input):
+    from dataclasses import asdict
+
+    import pyarrow as pa
+
+    from engine.records import from_table
+    from engine.runner import _read_units
+
+    config = load_config("pipelines/smoke.yaml", GLIP + ["stages.decode.resources.batch_size=5"])
+    units = plan_units([str(demo_input)], shard_size=12)
+    assert units[0].size == 6  # one unit per tar of the demo input
+    blocks = list(_read_units(pa.Table.from_pylist([asdict(units[0])]), names=("decode", "recaption"),
+                              config_json=config.model_dump_json()))
+    assert [b.num_rows for b in blocks] == [5, 1]
+    records = [r for b in blocks for r in from_table(b)]
+    assert [r.position for r in records] == list(range(6))
+    ok = [r for r in records if r.ok]
+    assert ok and all(r.width and r.height and max(r.width, r.height) <= 320 for r in ok)  # decoded, resized
+    assert all(r.caption == r.raw_caption for r in ok)  # the passthrough recaption ran in the same task
+
+
 def test_filter_runs_inside_the_ground_actors(ray_session, demo_input, capsys):
     ops = physical_plan(load_config("pipelines/smoke.yaml", GLIP), demo_input, capsys)
-    # read, decode(+recaption passthrough), extract (nltk actor), ground+filter: no task operator after ground
+    # read + decode + passthrough recaption, extract (nltk actor), ground + filter: no task operator after ground
     assert ops[-1] == "ActorPoolMapOperator[MapBatches(_StageActor)]"
-    assert [op.split("[")[0] for op in ops[1:]] == ["TaskPoolMapOperator", "TaskPoolMapOperator",
-                                                    "ActorPoolMapOperator", "ActorPoolMapOperator"]
+    assert [op.split("[")[0] for op in ops[1:]] == ["TaskPoolMapOperator", "ActorPoolMapOperator",
+                                                    "ActorPoolMapOperator"]
