@@ -13,6 +13,8 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from engine.lexicon import NounLexicon
+from engine.lexicon import load as load_lexicon
 from engine.nltk_data import NltkDataMissing, ensure_nltk_path
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ def is_none_answer(text: str | None) -> bool:
 
 # ----------------------------------------------------------------------------------------------- normalisation
 
-_wn: Any = None  # the WordNet reader once loaded; failures are not cached so a later install is picked up
+_lex: NounLexicon | None = None  # once loaded; failures are not cached so a later install is picked up
 _IRREGULAR = {  # plurals WordNet keeps as lemmas of their own, or rule fallback cannot handle
     "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
     "geese": "goose", "teeth": "tooth", "feet": "foot", "knives": "knife", "leaves": "leaf",
@@ -150,20 +152,17 @@ _PLURALIA = {  # plural-only nouns: never singularised
 }
 
 
-def _wordnet() -> Any | None:
-    """The WordNet reader, or None when the NLTK data folder is not installed."""
-    global _wn
-    if _wn is None:
+def _lexicon() -> NounLexicon | None:
+    """The noun lexicon (engine/lexicon.py), or None when the NLTK data folder is not installed."""
+    global _lex
+    if _lex is None:
         try:
-            ensure_nltk_path()
+            root = ensure_nltk_path()
+            _lex = load_lexicon(root)
         except NltkDataMissing as exc:
             log.debug("WordNet unavailable, rule-based singulars: %s", exc)
             return None
-        from nltk.corpus import wordnet
-
-        wordnet.ensure_loaded()
-        _wn = wordnet
-    return _wn
+    return _lex
 
 
 def _rule_singular(word: str) -> str:
@@ -184,10 +183,10 @@ def singular_noun(word: str) -> str:
         return _IRREGULAR[word]
     if word in _PLURALIA or not word.isalpha():
         return word
-    wn = _wordnet()
-    if wn is None:
+    lexicon = _lexicon()
+    if lexicon is None:
         return _rule_singular(word)
-    lemmas = wn._morphy(word, "n")  # what WordNetLemmatizer.lemmatize uses: the shortest candidate wins
+    lemmas = lexicon.morphy(word)  # what WordNetLemmatizer.lemmatize uses: the shortest candidate wins
     return min(lemmas, key=len) if lemmas else word
 
 
@@ -295,25 +294,29 @@ _tools: dict[str, Any] = {}
 
 
 def _nlp() -> dict[str, Any]:
-    """WordNet, tagger and chunker, loaded once per process; raises NltkDataMissing when not installed."""
+    """The noun lexicon, tagger and chunker, loaded once per process; raises NltkDataMissing when the data
+    folder is not installed."""
     if not _tools:
         ensure_nltk_path()
         from nltk.chunk import RegexpParser
         from nltk.tag.perceptron import PerceptronTagger
 
-        wn = _wordnet()
-        if wn is None:  # pragma: no cover - ensure_nltk_path above already raised
-            raise NltkDataMissing("WordNet did not load")
-        parents = {}
-        for name, label in PARENT_SYNSETS:
-            try:
-                parents[wn.synset(name)] = label
-            except Exception:  # a WordNet build without this synset: the list still works without it
-                log.debug("parent synset %s not in this WordNet", name)
-        order = {syn: i for i, syn in enumerate(parents)}
-        _tools.update(wn=wn, tagger=PerceptronTagger(), chunker=RegexpParser(_GRAMMAR),
-                      parents=parents, order=order)
+        lexicon = _lexicon()
+        if lexicon is None:  # pragma: no cover - ensure_nltk_path above already raised
+            raise NltkDataMissing("the noun lexicon did not load")
+        _tools.update(lexicon=lexicon, tagger=PerceptronTagger(), chunker=RegexpParser(_GRAMMAR))
     return _tools
+
+
+def wordnet_parent_synsets(wn: Any) -> dict[str, Any]:
+    """PARENT_SYNSETS as WordNet synsets with their search order, for `_parent_of`."""
+    parents = {}
+    for name, label in PARENT_SYNSETS:
+        try:
+            parents[wn.synset(name)] = label
+        except Exception:  # a WordNet build without this synset: the list still works without it
+            log.debug("parent synset %s not in this WordNet", name)
+    return {"parents": parents, "order": {syn: i for i, syn in enumerate(parents)}}
 
 
 def _physical_sense(wn: Any, lemma: str) -> Any | None:
@@ -338,7 +341,9 @@ def _parent_of(syn: Any, category: str, tools: dict[str, Any]) -> str:
     while frontier:
         nxt = []
         for s in frontier:
-            for h in s.hypernyms() + s.instance_hypernyms():
+            # sorted: NLTK keeps a synset's pointers in a set, so its hypernym order follows the process's
+            # string hash seed, and the fallback parent (first concrete hypernym) differed between processes
+            for h in sorted(s.hypernyms() + s.instance_hypernyms(), key=lambda h: h.name()):
                 if h not in seen:
                     seen.add(h)
                     nxt.append(h)
@@ -362,7 +367,6 @@ def _chunk_entity(words: list[tuple[str, str]], tools: dict[str, Any]) -> dict[s
         words = words[1:]
     if not words or words[-1][0] in _SKIP_HEADS or len(words[-1][0]) < 2 or not words[-1][0].isalpha():
         return None
-    wn = tools["wn"]
     head = singular_noun(words[-1][0]) if words[-1][1] in ("NNS", "NNPS") or words[-1][0] in _IRREGULAR \
         else words[-1][0]
     # Longest compound ending in the head that WordNet knows and that names a physical thing wins.
@@ -371,13 +375,12 @@ def _chunk_entity(words: list[tuple[str, str]], tools: dict[str, Any]) -> dict[s
         if any(not re.fullmatch(r"[a-z][a-z'-]*", w) for w in mods):
             continue
         lemma = "_".join([*mods, head])
-        syn = _physical_sense(wn, lemma)
-        if syn is not None:
-            category = lemma.replace("_", " ")
-            parent = _parent_of(syn, category, tools)
+        parent = tools["lexicon"].parent(lemma)  # physical things only; "" when WordNet names no parent
+        if parent is not None:
             if not parent:
                 return None
-            return {"phrase": " ".join(w for w, _ in words), "category": category, "parent_category": parent}
+            return {"phrase": " ".join(w for w, _ in words), "category": lemma.replace("_", " "),
+                    "parent_category": parent}
     return None
 
 

@@ -9,6 +9,9 @@ Sources (both installed by install.sh, nothing is fetched here):
   written as NLTK 3.10's JSON model (`taggers/averaged_perceptron_tagger_eng/*.json`). The runtime never
   reads pickle. Its features and normalisation are identical to NLTK's PerceptronTagger.
 
+- The extractor's noun lexicon (`{DATA}/granucap/noun-lexicon.json`, engine/lexicon.py), derived from that
+  WordNet: what the extractor asks of WordNet, precomputed (≈ 7 s once) so that no process loads WordNet.
+
 Not needed: punkt (`word_tokenize(..., preserve_line=True)`), omw (only WordNet's multilingual functions
 read it; the English lemmatiser and synsets do not).
 
@@ -219,6 +222,9 @@ def install(*, root: Path | None = None, wordnet_source: Path = WORDNET_SOURCE, 
         "tagger_source": f"{TAGGER_DIST} {importlib.metadata.version(TAGGER_DIST)}",
         "tagger_source_sha256": src_sha,
     }
+    from engine.lexicon import load as load_lexicon
+
+    load_lexicon(root)  # the extractor's noun lexicon, built from this WordNet when missing or stale
     _write_atomic(marker, json.dumps(info, indent=2).encode())
     return root
 

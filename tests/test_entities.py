@@ -267,3 +267,69 @@ def test_noun_phrases_do_not_run_across_sentences():
     found = extract_noun_phrase_entities("A TV remote control on a table. Best deals online!")
     assert {e["phrase"] for e in found} >= {"tv remote control", "table"}
     assert all("." not in e["phrase"] for e in found)
+
+
+# --------------------------------------------------------------------------------------------- noun lexicon
+
+
+def _wordnet_answer(wn, tools, word: str) -> str | None:
+    """What the extractor computed from live WordNet before the lexicon: physical sense, then parent."""
+    from engine.entities import _parent_of, _physical_sense
+
+    syn = _physical_sense(wn, word)
+    return None if syn is None else _parent_of(syn, word.replace("_", " "), tools)
+
+
+def test_noun_lexicon_answers_as_wordnet_does() -> None:
+    import random
+
+    from nltk.corpus import wordnet as wn
+
+    from engine.entities import _lexicon, wordnet_parent_synsets
+
+    lexicon, tools = _lexicon(), wordnet_parent_synsets(wn)
+    nouns = sorted(wn.all_lemma_names("n"))
+    assert len(lexicon.nouns) == len(nouns) > 100_000
+    words = random.Random(0).sample(nouns, 600) + ["cat", "sofa", "bus", "ice_cream", "remote_control", "love"]
+    forms = words + [w + "s" for w in words] + [w + "es" for w in words] + sorted(wn._exception_map["n"])[:400]
+    assert [lexicon.morphy(f) for f in forms] == [wn._morphy(f, "n") for f in forms]
+    # No lemma: looked up by its reduction. WordNet pools the senses of all of a word's reductions, so the
+    # answers differ where the reduction has reductions of its own ("wingss" -> wings (+ wing)): left out.
+    plurals = [w + "s" for w in words if "_" not in w and lexicon.morphy(w + "s") == [w] and lexicon.morphy(w) == [w]]
+    sample = words + plurals
+    assert [lexicon.parent(w) for w in sample] == [_wordnet_answer(wn, tools, w) for w in sample]
+    assert sum(lexicon.parent(w) is not None for w in sample) > 200  # physical ones among them
+
+
+@pytest.mark.slow
+def test_parent_category_is_the_same_in_every_process() -> None:
+    # NLTK keeps a synset's hypernyms in a set: their order followed the string hash seed, and so did the
+    # fallback parent of nouns with two hypernyms (brick: "building material" or "ceramic").
+    import subprocess
+    import sys
+
+    code = ("from nltk.corpus import wordnet as wn; from engine.entities import _parent_of, wordnet_parent_synsets; "
+            "from engine.nltk_data import ensure_nltk_path; ensure_nltk_path(); "
+            "print(_parent_of(wn.synset('brick.n.01'), 'brick', wordnet_parent_synsets(wn)))")
+    answers = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(answers) == 1 and answers != {""}
+
+
+@pytest.mark.slow
+def test_noun_lexicon_is_built_when_missing_and_rebuilt_when_stale(tmp_path, caplog) -> None:
+    import shutil
+
+    from engine import lexicon
+
+    root = tmp_path / "data"
+    shutil.copytree(nltk_data.data_dir(), root, ignore=shutil.ignore_patterns("granucap"))
+    built = lexicon.load(root)
+    path = root / lexicon.FILE
+    doc = json.loads(path.read_text())
+    assert doc["rules"] == lexicon.rules_fingerprint() and built.parent("sofa") == "furniture"
+    path.write_text(json.dumps({**doc, "rules": "rules of an older granucap", "parents": {}}))
+    with caplog.at_level("WARNING"):
+        again = lexicon.load(root)
+    assert "built by other rules" in caplog.text
+    assert again.parent("sofa") == "furniture" and json.loads(path.read_text())["rules"] == doc["rules"]

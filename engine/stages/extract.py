@@ -61,9 +61,9 @@ class Extract(Stage):
 
             ensure_nltk_path()
         if spec.backend == "nltk":
-            # NLTK loads WordNet and the tagger lazily, on first use (~3 s): do it here, once per actor,
+            # The noun lexicon and the tagger load lazily, on first use (~1 s): do it here, once per actor,
             # rather than inside the first batch, where it would hold up every stage behind this one. (A
-            # fallback may never be used: it keeps loading them lazily, WordNet alone is ~500 MB.)
+            # fallback may never be used: it keeps loading them lazily.)
             self._nltk_entities("a cat on a sofa")
         else:
             options = chat_backend_options(spec, self.cache_dir)
