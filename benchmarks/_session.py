@@ -12,20 +12,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pss_bytes(pid: str) -> int:
-    """Proportional set size: each shared page (torch's libraries, Ray's shared-memory object store) counted
-    once in all, split between the processes that map it, where summed RSS counts it in every process."""
+ROLLUP_FIELDS = {"Pss:": "pss", "Pss_Anon:": "anon", "Pss_Shmem:": "shmem"}
+
+
+def _rollup_bytes(pid: str) -> dict[str, int]:
+    """From /proc/PID/smaps_rollup: PSS (proportional set size: each shared page, e.g. torch's libraries or
+    Ray's shared-memory object store, counted once in all, split between the processes that map it, where
+    summed RSS counts it in every process), and its anonymous (the process's own heap) and shared-memory
+    (Ray's object store) parts."""
+    out = dict.fromkeys(ROLLUP_FIELDS.values(), 0)
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
+        key = ROLLUP_FIELDS.get(line.split(maxsplit=1)[0]) if line.strip() else None
+        if key:
+            out[key] = int(line.split()[1]) * 1024
+    return out
 
 
-def session_memory(sid: int, breakdown: dict | None = None) -> tuple[int, int]:
-    """(summed RSS, summed PSS) of every process in session `sid` (the driver, Ray's daemons, its workers);
-    `breakdown` (if given) is filled with process title -> RSS bytes."""
+def session_memory(sid: int, breakdown: dict | None = None) -> dict[str, int]:
+    """Summed over every process in session `sid` (the driver, Ray's daemons, its workers): `rss`, `pss`,
+    `anon` (anonymous PSS: the processes' own memory) and `shmem` (shared-memory PSS: the pages of Ray's
+    object store that are in use or were once touched); `breakdown` (if given) is filled with process
+    title -> RSS bytes."""
     page = os.sysconf("SC_PAGE_SIZE")
-    rss_total = pss_total = 0
+    totals = {"rss": 0, **dict.fromkeys(ROLLUP_FIELDS.values(), 0)}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -33,36 +42,37 @@ def session_memory(sid: int, breakdown: dict | None = None) -> tuple[int, int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) == sid:
                 rss = int((entry / "statm").read_text().split()[1]) * page
-                rss_total += rss
-                pss_total += _pss_bytes(entry.name)
+                totals["rss"] += rss
+                for key, value in _rollup_bytes(entry.name).items():
+                    totals[key] += value
                 if breakdown is not None:
                     title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:60]
                     breakdown[f"{entry.name} {title}"] = rss
         except (OSError, IndexError, ValueError):
             continue
-    return rss_total, pss_total
+    return totals
 
 
 def run_cli(args: list[str], *, env: dict | None = None, sample_every: float = 0.25) -> dict:
-    """Run `granucap ARGS` in a new session; returns wall seconds, exit code, peak session RSS and PSS."""
+    """Run `granucap ARGS` in a new session; returns wall seconds, exit code, the session's peaks (`peak_rss`,
+    `peak_pss`, `peak_anon`, `peak_shmem`: each its own maximum over the run) and the processes at the RSS peak."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-    peak_pss = [0]
+    peaks = {"rss": 0, "pss": 0, "anon": 0, "shmem": 0}
     at_peak: dict = {}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             breakdown: dict = {}
-            total, pss = session_memory(proc.pid, breakdown)
-            peak_pss[0] = max(peak_pss[0], pss)
-            if total > peak[0]:
-                peak[0] = total
+            now = session_memory(proc.pid, breakdown)
+            if now["rss"] > peaks["rss"]:
                 at_peak.clear()
                 at_peak.update(breakdown)
+            for key, value in now.items():
+                peaks[key] = max(peaks[key], value)
             time.sleep(sample_every)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -70,5 +80,5 @@ def run_cli(args: list[str], *, env: dict | None = None, sample_every: float = 0
     out, err = proc.communicate()
     done.set()
     thread.join()
-    return {"seconds": time.perf_counter() - start, "returncode": proc.returncode, "peak_rss": peak[0], "peak_pss": peak_pss[0],
+    return {"seconds": time.perf_counter() - start, "returncode": proc.returncode, **{f"peak_{k}": v for k, v in peaks.items()},
             "at_peak": at_peak, "stdout": out, "stderr": err}

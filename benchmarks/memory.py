@@ -1,7 +1,10 @@
 """Memory: peak resident memory of a whole `granucap run` (driver, Ray daemons, workers) at 1x and 10x the
-input size. Streaming means the 10x run should need about the same memory. Run by hand:
+input size. Streaming means the 10x run should need about the same memory. Besides summed RSS (the issue's
+measure) and PSS, it splits PSS into anonymous memory (each process's own heap: what would grow if anything
+held samples) and shared memory (pages of Ray's object store that are in use or were touched once: they
+stay resident until the store is full, bounded by its size, `ray.object_store_mb`). Run by hand:
 
-    python benchmarks/memory.py --samples 300
+    python benchmarks/memory.py --samples 1000
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from _session import run_cli
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=300, help="samples at 1x")
+    parser.add_argument("--samples", type=int, default=1000,
+                        help="samples at 1x (enough for the ground actors to reach their steady heap)")
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--breakdown", action="store_true", help="print each process's RSS at the peak")
     parser.add_argument("--set", action="append", default=[], metavar="A.B=C", help="extra config override")
@@ -36,16 +40,20 @@ def main() -> None:
             if run["returncode"] != 0:
                 raise SystemExit(run["stderr"][-3000:])
             input_mb = sum(p.stat().st_size for p in (tmp / f"in{factor}").iterdir()) / 2**20
-            rows.append((factor, n, input_mb, run["peak_rss"] / 2**20, run["peak_pss"] / 2**20, run["seconds"]))
+            rows.append((factor, n, input_mb, *(run[f"peak_{k}"] / 2**20 for k in ("rss", "pss", "anon", "shmem")),
+                         run["seconds"]))
             if args.breakdown:
                 print(f"processes at the peak of the {factor}x run (MiB):")
                 for title, rss in sorted(run["at_peak"].items(), key=lambda kv: -kv[1]):
                     print(f"  {rss / 2**20:8.0f}  {title}")
-    print(f"{'size':>6}{'samples':>9}{'input MiB':>11}{'peak RSS MiB':>14}{'peak PSS MiB':>14}{'seconds':>9}")
-    for factor, n, mb, rss, pss, sec in rows:
-        print(f"{str(factor) + 'x':>6}{n:>9}{mb:>11.1f}{rss:>14.0f}{pss:>14.0f}{sec:>9.1f}")
-    print(f"{args.factor}x / 1x: peak RSS {rows[1][3] / rows[0][3]:.2f}, peak PSS {rows[1][4] / rows[0][4]:.2f}  "
-          "(target <= 1.10; RSS counts shared pages once per process that maps them, PSS once in all)")
+    print(f"{'size':>6}{'samples':>9}{'input MiB':>11}{'peak MiB:':>11}{'RSS':>7}{'PSS':>7}{'anon':>7}{'shmem':>7}"
+          f"{'seconds':>9}")
+    for factor, n, mb, rss, pss, anon, shmem, sec in rows:
+        print(f"{str(factor) + 'x':>6}{n:>9}{mb:>11.1f}{'':>11}{rss:>7.0f}{pss:>7.0f}{anon:>7.0f}{shmem:>7.0f}{sec:>9.1f}")
+    a, b = rows
+    print(f"{args.factor}x / 1x: peak RSS {b[3] / a[3]:.2f}, PSS {b[4] / a[4]:.2f}, anonymous {b[5] / a[5]:.2f}, "
+          f"object store pages {b[6] / max(a[6], 1e-9):.2f}  (target <= 1.10; RSS counts shared pages once per "
+          "process that maps them, PSS once in all)")
 
 
 if __name__ == "__main__":
