@@ -158,11 +158,15 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename, so a crash never leaves a half file."""
+    """Write to a temp file beside `path`, then rename, so a crash never leaves a half file. The file gets the
+    usual mode for the umask (mkstemp's is 0600), so a data directory shared between users stays readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask)
             fh.write(data)
         os.replace(tmp, path)
     except BaseException:
