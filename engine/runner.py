@@ -120,7 +120,8 @@ def uses_model(name: str, config: PipelineConfig) -> bool:
 def operators(config: PipelineConfig) -> list[tuple[str, ...]]:
     """The stages grouped into Ray Data operators, in order. The first group is decode with the CPU stages
     up to the first model stage: it runs in the read tasks with decode's `resources`. Each model stage takes
-    the CPU stages right after it into its actors. A joined stage's own `resources` are unused."""
+    the CPU stages right after it into its actors, so every later group starts with a model stage. A joined
+    stage's own `resources` are unused."""
     groups: list[tuple[str, ...]] = []
     for name in stage_names(config):
         if groups and not uses_model(name, config) and (uses_model(groups[-1][0], config) or len(groups) == 1):
@@ -151,11 +152,6 @@ def _read_units(batch: pa.Table, *, names: tuple[str, ...], config_json: str) ->
                 rows = []
         if rows:
             yield block(rows)
-
-
-def _run_stage_task(table: pa.Table, *, name: str, config_json: str) -> pa.Table:
-    stage = build_stage(name, PipelineConfig.model_validate_json(config_json))
-    return to_table(stage(from_table(table)))
 
 
 CHAOS_ENV = "GRANUCAP_CHAOS_KILL_ONCE"
@@ -264,30 +260,21 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
         # to its batch_size (one task reading many whole units before anything moves on).
         max_retries=-1,
     )
-    for names in rest:
-        name = names[0]
-        spec = getattr(config.stages, name)
-        res: Resources = spec.resources
-        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
-        if uses_model(name, config):
-            with warnings.catch_warnings():
-                # Ray 2.60 has no named parameter for actor restarts yet; the defaults (-1) retry forever.
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-                ds = ds.map_batches(
-                    _StageActor,
-                    fn_constructor_kwargs={"names": names, "config_json": config_json},
-                    compute=ray.data.ActorPoolStrategy(size=res.concurrency),
-                    num_gpus=res.num_gpus or None,
-                    max_restarts=3,
-                    max_task_retries=3,
-                    **common,
-                )
-        else:
+    for names in rest:  # each an actor pool: a model stage and the CPU stages joined to it
+        res: Resources = getattr(config.stages, names[0]).resources
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for actor restarts yet; the defaults (-1) retry forever.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = ds.map_batches(
-                _run_stage_task,
-                fn_kwargs={"name": name, "config_json": config_json},
-                compute=ray.data.TaskPoolStrategy(size=res.concurrency),
-                **common,
+                _StageActor,
+                fn_constructor_kwargs={"names": names, "config_json": config_json},
+                batch_size=res.batch_size,
+                batch_format="pyarrow",
+                num_cpus=res.num_cpus,
+                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+                num_gpus=res.num_gpus or None,
+                max_restarts=3,
+                max_task_retries=3,
             )
     return ds
 
