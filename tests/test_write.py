@@ -9,7 +9,9 @@ import webdataset as wds
 from PIL import Image
 
 from engine.records import INDEX_SCHEMA, Record
-from engine.stages.write import ShardWriter, clean_temporaries, completed_units, tar_key
+import numpy as np
+
+from engine.stages.write import KeyRegistry, ShardWriter, clean_temporaries, completed_keys, completed_units, tar_key
 
 
 def jpeg(color=(200, 10, 10)):
@@ -88,11 +90,16 @@ def test_tar_key_is_webdataset_safe():
     assert tar_key("abc-01_x") == "abc-01_x"
 
 
+def write_units(out, units: list[list[str]]) -> list[str]:
+    """Write one unit per list of keys, in order; the keys the index holds afterwards."""
+    writer = ShardWriter(out, expected={u: len(keys) for u, keys in enumerate(units)})
+    for u, keys in enumerate(units):
+        writer([make(u, p, key) for p, key in enumerate(keys)])
+    return [r["key"] for r in pq.read_table(out / "index").to_pylist()]
+
+
 def test_repeated_keys_are_renamed_in_plan_order_and_nothing_is_dropped(tmp_path):
-    writer = ShardWriter(tmp_path, expected={0: 3, 1: 2})
-    writer([make(0, 0, "a"), make(0, 1, "a"), make(0, 2, "b")])
-    writer([make(1, 0, "a"), make(1, 1, "b")])
-    keys = [r["key"] for r in pq.read_table(tmp_path / "index").to_pylist()]
+    keys = write_units(tmp_path, [["a", "a", "b"], ["a", "b"]])
     assert keys == ["a", "a-dup1", "b", "a-dup2", "b-dup1"]
     rows = pq.read_table(tmp_path / "index" / "000001.parquet").to_pylist()
     assert json.loads(rows[0]["meta"])["duplicate_of_key"] == "a"
@@ -101,9 +108,45 @@ def test_repeated_keys_are_renamed_in_plan_order_and_nothing_is_dropped(tmp_path
 
 
 def test_a_resumed_writer_knows_the_keys_of_completed_units(tmp_path):
-    from engine.stages.write import completed_keys
-
     ShardWriter(tmp_path, expected={0: 1})([make(0, 0, "a")])
     resumed = ShardWriter(tmp_path, expected={1: 1}, seen_keys=completed_keys(tmp_path, [0]))
     resumed([make(1, 0, "a")])
     assert pq.read_table(tmp_path / "index" / "000001.parquet").column("key").to_pylist() == ["a-dup1"]
+
+
+def test_a_key_made_by_renaming_is_renamed_again_when_it_also_comes_literally(tmp_path):
+    keys = write_units(tmp_path, [["a", "a", "a-dup1"], ["a-dup1", "a-dup2"]])
+    assert keys == ["a", "a-dup1", "a-dup1-dup1", "a-dup1-dup2", "a-dup2"]
+    assert len(set(keys)) == len(keys)
+
+
+def test_key_registry_finds_every_key_it_was_given_across_merges():
+    rng = np.random.default_rng(0)
+    registry, added = KeyRegistry(), []
+    for unit in range(60):
+        keys = [f"u{unit}/{i}" for i in range(int(rng.integers(1, 400)))]
+        assert not registry.contains(keys).any()
+        registry.add(keys)
+        added += keys
+    assert len(registry) == len(added) and registry.nbytes == 16 * len(added)
+    assert len(registry._runs) <= 12  # merged: O(log n) runs, not one per add
+    assert registry.contains(added).all()
+    probe = ["u0/0", "u59/0", "u0/399x", "nope", "u60/0"]
+    assert registry.contains(probe).tolist() == [True, True, False, False, False]
+    assert "u30/0" in registry and "u30" not in registry
+    assert KeyRegistry(["x", "y"]).contains(["y", "z"]).tolist() == [True, False]
+
+
+def test_key_registry_tells_apart_digests_that_share_their_first_word():
+    registry = KeyRegistry()
+    shared = np.array([[7, 1], [7, 2], [7, 3], [5, 9]], dtype=np.uint64)
+    registry.add(shared[:3])
+    registry.add(np.array([[7, 9]], dtype=np.uint64))  # another run, same first word
+    asked = np.array([[7, 3], [7, 2], [7, 4], [5, 9], [7, 9]], dtype=np.uint64)
+    assert registry.contains(asked).tolist() == [True, True, False, False, True]
+
+
+def test_completed_keys_reads_the_keys_of_the_units_asked_for(tmp_path):
+    ShardWriter(tmp_path, expected={0: 2, 1: 1})([make(0, 0, "a"), make(0, 1, "b"), make(1, 0, "c")])
+    keys = completed_keys(tmp_path, [0])
+    assert len(keys) == 2 and keys.contains(["a", "b", "c"]).tolist() == [True, True, False]
