@@ -244,7 +244,7 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
     from dataclasses import asdict
 
     from engine.io.readers import plan_units
-    from engine.runner import check_stage_inputs, describe_models, operators, stage_names, uses_model
+    from engine.runner import check_stage_inputs, dataset_segments, describe_models, operators, stage_names, uses_model
     from engine.stages.write import completed_units
 
     check_stage_inputs(config)
@@ -277,6 +277,7 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
     same_plan = None
     if plan_path.is_file():
         same_plan = json.loads(plan_path.read_text()) == [asdict(u) for u in units]
+    todo = [u for u in units if u.index not in done] if same_plan is not False else units
     return {
         "pipeline": config.name,
         "output": str(output),
@@ -285,7 +286,8 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
         "units": len(units),
         "shard_size": config.write.shard_size,
         "complete": sorted(u.index for u in units if u.index in done) if same_plan is not False else [],
-        "todo": sum(1 for u in units if u.index not in done) if same_plan is not False else len(units),
+        "todo": len(todo),
+        "ray_datasets": len(dataset_segments(todo, config.ray.max_samples_per_dataset)),  # the to-do units run as
         "same_plan_as_output": same_plan,  # None: no plan.json yet; False: `run` would refuse this output
         "ray_address": config.ray.address,
         "inputs": sorted({u.path for u in units}),

@@ -4,13 +4,16 @@
           ─► driver: ShardWriter (one shard per unit, marker last) ─► manifest.json
 
 Each task reads one work unit and runs decode (and any CPU stage before the first model stage, e.g. a
-passthrough recaption) on it `decode.resources.batch_size` rows at a time, yielding one block per batch; the
-raw image bytes never go through the object store, and one pool of task workers serves both. Likewise a
+passthrough recaption) on it `decode.resources.batch_size` rows at a time, yielding each batch as it is done
+(Ray Data joins the yields into blocks of up to `target_max_block_size`, 128 MiB: usually one block per unit);
+the raw image bytes never go through the object store, and one pool of task workers serves both. Likewise a
 CPU stage right after a model stage (filter after ground) runs inside that stage's actors. Every operator
 kept is another worker process (≈ 250 MB with Ray Data loaded) alive next to the others for the whole run.
 
 Ray starts embedded on this machine unless an address is given. Output order is preserved so that units
-complete one after another and the driver holds at most a few units' rows at a time.
+complete one after another and the driver holds at most a few units' rows at a time. The units run as
+consecutive Datasets of at most `ray.max_samples_per_dataset` samples, because Ray Data keeps statistics of
+every block it produced in the driver until the Dataset ends.
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def operators(config: PipelineConfig) -> list[tuple[str, ...]]:
 
 def _read_units(batch: pa.Table, *, names: tuple[str, ...], config_json: str) -> Iterator[pa.Table]:
     """Read each unit of `batch` and run the stages `names` (decode first) on it, `decode.resources.batch_size`
-    rows at a time; one block per batch, yielded as soon as it is done."""
+    rows at a time; each batch is yielded as soon as it is done (it bounds the task's records in Python; Ray
+    Data joins the yielded tables into blocks of up to 128 MiB before handing them on)."""
     config = PipelineConfig.model_validate_json(config_json)
     stages = [build_stage(name, config) for name in names]
     rows_per_block = config.stages.decode.resources.batch_size
@@ -235,6 +239,22 @@ def _check_actor_cpus(config: PipelineConfig) -> None:
             f"decoding, but Ray has {total:g}: lower stages.*.resources.num_cpus / concurrency "
             "(fractions are fine, e.g. 0.25) or raise ray.num_cpus"
         )
+
+
+def dataset_segments(units: list[Unit], max_samples: int | None) -> list[list[Unit]]:
+    """Consecutive runs of whole units, each at most `max_samples` samples (a larger unit alone); each
+    becomes one Ray Dataset, so the driver's per-block statistics are dropped after every segment."""
+    if max_samples is None:
+        return [units] if units else []
+    segments: list[list[Unit]] = []
+    size = 0
+    for unit in units:
+        if not segments or size + unit.size > max_samples:
+            segments.append([])
+            size = 0
+        segments[-1].append(unit)
+        size += unit.size
+    return segments
 
 
 def build_dataset(units: list[Unit], config: PipelineConfig):
@@ -417,16 +437,21 @@ def run(
         writer = ShardWriter(
             output, expected={u.index: u.stop - u.start for u in todo}, seen_keys=completed_keys(output, sorted(done))
         )
-        ds = build_dataset(todo, config)
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            records = from_table(table)
-            writer(records)
-            progress.add(records)
-            if on_progress:
-                on_progress(progress)
-        missing = writer.incomplete()
-        if missing:
-            raise RunError(f"units left incomplete (unit -> samples received): {missing}")
+        segments = dataset_segments(todo, config.ray.max_samples_per_dataset)
+        for n, segment in enumerate(segments, 1):
+            if len(segments) > 1:
+                log.info("Ray Dataset %d of %d: units %d..%d, %d samples", n, len(segments), segment[0].index,
+                         segment[-1].index, sum(u.size for u in segment))
+            ds = build_dataset(segment, config)
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                records = from_table(table)
+                writer(records)
+                progress.add(records)
+                if on_progress:
+                    on_progress(progress)
+            missing = writer.incomplete()
+            if missing:
+                raise RunError(f"units left incomplete (unit -> samples received): {missing}")
     finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest = write_manifest(
         output, config, units, inputs, status="complete", started_at=started, finished_at=finished

@@ -113,7 +113,9 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     (out / "shards" / "000001.stats.json").write_text(json.dumps({"unit": 1, "read": 4}))
     plan = plan_summary(config, [str(demo_input)], out)
     assert (plan["samples"], plan["units"], plan["complete"], plan["todo"]) == (12, 4, [1], 3)
-    assert plan["same_plan_as_output"] is True
+    assert plan["same_plan_as_output"] is True and plan["ray_datasets"] == 1
+    split = config.model_copy(update={"ray": config.ray.model_copy(update={"max_samples_per_dataset": 4})})
+    assert plan_summary(split, [str(demo_input)], out)["ray_datasets"] == 3  # units 0, 2, 3 (sizes 4, 4, 2)
     assert [s["stage"] for s in plan["stages"]] == ["decode", "recaption", "extract", "ground", "filter"]
     runs_as = {s["stage"]: s["runs_as"] for s in plan["stages"]}
     assert (runs_as["decode"], runs_as["ground"], runs_as["filter"]) == (

@@ -65,3 +65,41 @@ def test_filter_runs_inside_the_ground_actors(ray_session, demo_input, capsys):
     assert ops[-1] == "ActorPoolMapOperator[MapBatches(_StageActor)]"
     assert [op.split("[")[0] for op in ops[1:]] == ["TaskPoolMapOperator", "ActorPoolMapOperator",
                                                     "ActorPoolMapOperator"]
+
+
+def test_dataset_segments_are_consecutive_whole_units_within_the_limit():
+    from engine.io.readers import Unit
+    from engine.runner import dataset_segments
+
+    units = [Unit(index=i, kind="tar", path="x.tar", start=0, stop=size) for i, size in enumerate([4, 4, 9, 1, 2])]
+    indices = lambda segments: [[u.index for u in s] for s in segments]  # noqa: E731
+    assert indices(dataset_segments(units, 8)) == [[0, 1], [2], [3, 4]]  # unit 2 is larger than 8: alone
+    assert indices(dataset_segments(units, 100)) == [[0, 1, 2, 3, 4]]
+    assert indices(dataset_segments(units, None)) == [[0, 1, 2, 3, 4]]
+    assert indices(dataset_segments(units, 1)) == [[0], [1], [2], [3], [4]]
+    assert dataset_segments([], 8) == [] and dataset_segments([], None) == []
+
+
+def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session, demo_input, model_cache, tmp_path,
+                                                                     monkeypatch):
+    import pyarrow.parquet as pq
+
+    from engine import runner
+
+    built = []
+    real_build = runner.build_dataset
+
+    def spy(units, config):
+        built.append([u.index for u in units])
+        return real_build(units, config)
+
+    monkeypatch.setattr(runner, "build_dataset", spy)
+    config = load_config("pipelines/smoke.yaml", GLIP + [f"cache_dir={model_cache}", "ray.max_samples_per_dataset=8"])
+    manifest = runner.run(config, inputs=[str(demo_input)], output=tmp_path)
+    units = plan_units([str(demo_input)], shard_size=4)
+    assert [u.size for u in units] == [4, 2, 4, 2]  # two tars of 6
+    assert built == [[0, 1], [2, 3]]  # at most 8 samples each: two Datasets, the second after the first ended
+    assert manifest["counts"]["read"] == 12 and manifest["units"] == {"planned": 4, "complete": 4}
+    rows = pq.read_table(tmp_path / "index").to_pylist()
+    assert sorted((r["unit"], r["position"]) for r in rows) == [(u.index, p) for u in units for p in range(u.size)]
+    assert len({r["key"] for r in rows}) == 12
