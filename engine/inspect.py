@@ -287,7 +287,7 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
         "shard_size": config.write.shard_size,
         "complete": sorted(u.index for u in units if u.index in done) if same_plan is not False else [],
         "todo": len(todo),
-        "ray_datasets": len(dataset_segments(todo, config.ray.max_samples_per_dataset)),  # the to-do units run as
+        "ray_datasets": len(dataset_segments(todo, config.ray.max_samples_per_dataset)),  # Datasets `run` would start
         "same_plan_as_output": same_plan,  # None: no plan.json yet; False: `run` would refuse this output
         "ray_address": config.ray.address,
         "inputs": sorted({u.path for u in units}),
