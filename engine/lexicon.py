@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.atomic import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 FORMAT = "granucap-noun-lexicon/1"
@@ -103,10 +105,8 @@ def from_document(doc: dict[str, Any]) -> NounLexicon:
 
 def save(root: Path, doc: dict[str, Any]) -> Path:
     """Save the lexicon document under the data folder `root` (atomically); returns the path."""
-    from engine.nltk_data import _write_atomic
-
     path = root / FILE
-    _write_atomic(path, json.dumps(doc, separators=(",", ":")).encode())
+    atomic_write_bytes(path, json.dumps(doc, separators=(",", ":")).encode())
     return path
 
 

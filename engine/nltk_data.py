@@ -28,9 +28,10 @@ import logging
 import os
 import pickle
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from engine.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -157,23 +158,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename, so a crash never leaves a half file. The file gets the
-    usual mode for the umask (mkstemp's is 0600), so a data directory shared between users stays readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~umask)
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _convert_tagger(src: Path) -> dict[str, bytes]:
     """textblob-aptagger's (weights, tagdict, classes) pickle -> NLTK's three JSON files."""
     with open(src, "rb") as fh:
@@ -204,11 +188,11 @@ def install(*, root: Path | None = None, wordnet_source: Path = WORDNET_SOURCE, 
     for name in WORDNET_FILES:
         src, dst = wordnet_source / name, wn_dir / name
         if force or not dst.is_file() or dst.stat().st_size != src.stat().st_size:
-            _write_atomic(dst, src.read_bytes())
+            atomic_write_bytes(dst, src.read_bytes())
             log.info("copied %s -> %s", src, dst)
     lexnames = lexnames_text().encode()
     if force or not (wn_dir / "lexnames").is_file() or (wn_dir / "lexnames").read_bytes() != lexnames:
-        _write_atomic(wn_dir / "lexnames", lexnames)
+        atomic_write_bytes(wn_dir / "lexnames", lexnames)
 
     src = _tagger_pickle()
     src_sha = _sha256(src)
@@ -218,7 +202,7 @@ def install(*, root: Path | None = None, wordnet_source: Path = WORDNET_SOURCE, 
     have_tagger = all((tagger_dir / f).is_file() for f in TAGGER_FILES)
     if force or not have_tagger or previous.get("tagger_source_sha256") != src_sha:
         for name, data in _convert_tagger(src).items():
-            _write_atomic(tagger_dir / name, data)
+            atomic_write_bytes(tagger_dir / name, data)
         log.info("converted %s -> %s", src, tagger_dir)
     info = {
         "wordnet_source": str(wordnet_source),
@@ -229,7 +213,7 @@ def install(*, root: Path | None = None, wordnet_source: Path = WORDNET_SOURCE, 
     from engine.lexicon import load as load_lexicon
 
     load_lexicon(root)  # the extractor's noun lexicon, built from this WordNet when missing or stale
-    _write_atomic(marker, json.dumps(info, indent=2).encode())
+    atomic_write_bytes(marker, json.dumps(info, indent=2).encode())
     return root
 
 

@@ -255,31 +255,6 @@ def test_lexnames_file() -> None:
     assert lines[43] == "43\tverb.weather\t2" and lines[44] == "44\tadj.ppl\t3"
 
 
-def test_data_files_are_written_with_the_umask_mode(tmp_path) -> None:
-    # mkstemp creates 0600 files: a lexicon or tagger file built by one user must stay readable by the others
-    # that share the data directory (umask 022 -> 0644, umask 077 -> 0600), and the write replaces atomically.
-    import os
-
-    old = os.umask(0o022)
-    try:
-        nltk_data._write_atomic(tmp_path / "shared.json", b"{}")
-        os.umask(0o077)
-        nltk_data._write_atomic(tmp_path / "private.json", b"[]")
-        nltk_data._write_atomic(tmp_path / "shared.json", b"{\"a\": 1}")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
-    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o600  # rewritten under umask 077
-    assert (tmp_path / "shared.json").read_bytes() == b'{"a": 1}'
-    old = os.umask(0o022)
-    try:
-        nltk_data._write_atomic(tmp_path / "shared.json", b"{}")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["private.json", "shared.json"]  # no temp files left
-
-
 def test_tagger_unpickler_refuses_other_globals() -> None:
     payload = pickle.dumps((print, "x"), protocol=2)
     with pytest.raises(pickle.UnpicklingError):

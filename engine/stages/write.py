@@ -14,11 +14,9 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +25,12 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
+from engine.atomic import TMP_MARK, atomic_write_bytes
 from engine.records import Record, to_table
 from engine.stages.decode import merge_meta
 
 log = logging.getLogger(__name__)
 
-TMP_MARK = ".tmp-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -43,15 +41,6 @@ def shard_name(unit: int) -> str:
 def tar_key(key: str) -> str:
     """A webdataset-safe member stem: webdataset splits names at the first dot, so dots and slashes go."""
     return _UNSAFE.sub("_", key) or "_"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def sample_json(record: Record) -> dict[str, Any]:

@@ -1,0 +1,64 @@
+"""engine.atomic: the one atomic write every file of a run, an export and the NLTK data goes through."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from engine.atomic import TMP_MARK, atomic_write_bytes
+from engine.stages.write import clean_temporaries
+
+
+def test_data_files_are_written_with_the_umask_mode(tmp_path) -> None:
+    # mkstemp creates 0600 files: a lexicon or tagger file built by one user must stay readable by the others
+    # that share the data directory (umask 022 -> 0644, umask 077 -> 0600), and the write replaces atomically.
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "shared.json", b"{}")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.json", b"[]")
+        atomic_write_bytes(tmp_path / "shared.json", b"{\"a\": 1}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o600  # rewritten under umask 077
+    assert (tmp_path / "shared.json").read_bytes() == b'{"a": 1}'
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "shared.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["private.json", "shared.json"]  # no temp files left
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "manifest.json"
+    atomic_write_bytes(target, b"old")
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(target, b"new and longer")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_folders_are_made_and_a_killed_writes_temporary_is_found_by_the_cleaner(tmp_path, monkeypatch) -> None:
+    atomic_write_bytes(tmp_path / "shards" / "000000.tar", b"tar")
+    assert (tmp_path / "shards" / "000000.tar").read_bytes() == b"tar"
+    # a write killed before its rename leaves the temporary: simulate the kill at the rename
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(tmp_path / "shards" / "000001.tar", b"partial")
+    assert not (tmp_path / "shards" / "000001.tar").exists()
+    monkeypatch.undo()
+    leftover = tmp_path / "shards" / f"000001.tar{TMP_MARK}x1"
+    leftover.write_bytes(b"partial")  # what a SIGKILL between write and rename leaves
+    assert clean_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["000000.tar"]
