@@ -2,7 +2,8 @@
 input size. Streaming means the 10x run should need about the same memory. Besides summed RSS (the issue's
 measure) and PSS, it splits PSS into anonymous memory (each process's own heap: what would grow if anything
 held samples) and shared memory (pages of Ray's object store that are in use or were touched once: they
-stay resident until the store is full, bounded by its size, `ray.object_store_mb`). Run by hand:
+stay resident while the store reuses them; how much the run's blocks may use at once is `ray.data_memory_mb`,
+shown by `granucap run --dry-run`). Run by hand:
 
     python benchmarks/memory.py --samples 1000
 """

@@ -198,6 +198,13 @@ class RaySpec(_Strict):
     # ≈ 6 KB a unit here (benchmarks/datasets.py); each Dataset starts its actors, and loads their models, anew.
     # None: one Dataset.
     max_samples_per_dataset: int | None = Field(1_000_000, ge=1)
+    # Object store memory that blocks waiting between operators may hold (Ray Data's budget for the run): it
+    # bounds how far reading and decoding run ahead of the model stages, so memory stops growing with the
+    # input early (at Ray's own default, half the object store, the read tasks had decoded all of a
+    # 10,000-sample input when the model stages had done fewer than 2,000). None: one decoded unit per
+    # worker, a unit's `write.shard_size` samples at DECODED_SAMPLE_KB each (runner.data_memory_budget). Ray
+    # still lets each operator run a task when the budget is spent, and never goes beyond its own default.
+    data_memory_mb: int | None = Field(None, ge=16)
 
 
 class PipelineConfig(_Strict):

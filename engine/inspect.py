@@ -244,7 +244,15 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
     from dataclasses import asdict
 
     from engine.io.readers import plan_units
-    from engine.runner import check_stage_inputs, dataset_segments, describe_models, operators, stage_names, uses_model
+    from engine.runner import (
+        check_stage_inputs,
+        data_memory_budget,
+        dataset_segments,
+        describe_models,
+        operators,
+        stage_names,
+        uses_model,
+    )
     from engine.stages.write import completed_units
 
     check_stage_inputs(config)
@@ -287,6 +295,7 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
         "shard_size": config.write.shard_size,
         "complete": sorted(u.index for u in units if u.index in done) if same_plan is not False else [],
         "todo": len(todo),
+        "data_memory_mb": round(data_memory_budget(config) / 2**20),  # Ray Data's budget for waiting blocks
         "ray_datasets": len(dataset_segments(todo, config.ray.max_samples_per_dataset)),  # Datasets `run` would start
         "same_plan_as_output": same_plan,  # None: no plan.json yet; False: `run` would refuse this output
         "ray_address": config.ray.address,

@@ -257,6 +257,25 @@ def dataset_segments(units: list[Unit], max_samples: int | None) -> list[list[Un
     return segments
 
 
+# What a decoded sample is taken to weigh when `ray.data_memory_mb` is unset: a high-quality JPEG of about one
+# megapixel. Set `ray.data_memory_mb` for images much larger or smaller.
+DECODED_SAMPLE_KB = 256
+MIN_DATA_MEMORY_MB = 64
+
+
+def data_memory_budget(config: PipelineConfig) -> int:
+    """Bytes of Ray's object store the run's blocks may hold between operators: `ray.data_memory_mb`, or by
+    default one decoded unit for every worker (the read tasks and every model stage's actors), so each of them
+    can have its next block ready and no more; at least MIN_DATA_MEMORY_MB."""
+    if config.ray.data_memory_mb is not None:
+        return config.ray.data_memory_mb * 2**20
+    first, *rest = operators(config)
+    workers = config.stages.decode.resources.concurrency + sum(
+        getattr(config.stages, names[0]).resources.concurrency for names in rest
+    )
+    return max(workers * config.write.shard_size * DECODED_SAMPLE_KB * 2**10, MIN_DATA_MEMORY_MB * 2**20)
+
+
 def build_dataset(units: list[Unit], config: PipelineConfig):
     """The Ray Data plan: read + decode → model stages → filter, as pyarrow batches of SCHEMA rows."""
     import ray.data
@@ -264,6 +283,11 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    # Ray Data's default budget is half the object store; blocks then pile up ahead of the slowest stage
+    # for as long as the input lasts (benchmarks/memory.py)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=data_memory_budget(config)
+    )
     config_json = config.model_dump_json()
     ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(len(units), 1))
     first, *rest = operators(config)

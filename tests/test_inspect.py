@@ -96,7 +96,8 @@ def test_dry_run_prints_the_plan_and_starts_nothing(demo_input, tmp_path, monkey
     argv = ["run", "pipelines/smoke.yaml", "-i", str(demo_input), "-o", str(out_dir), "--dry-run"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for text in ("decode", "recaption", "tiny:llava", "actor pool", "ground", "filter", "dry run: nothing was started"):
+    for text in ("decode", "recaption", "tiny:llava", "actor pool", "ground", "filter", "dry run: nothing was started",
+                 "waiting blocks MiB"):
         assert text in out
     assert not out_dir.exists()  # nothing written either
 
@@ -116,6 +117,7 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     assert plan["same_plan_as_output"] is True and plan["ray_datasets"] == 1
     split = config.model_copy(update={"ray": config.ray.model_copy(update={"max_samples_per_dataset": 4})})
     assert plan_summary(split, [str(demo_input)], out)["ray_datasets"] == 3  # units 0, 2, 3 (sizes 4, 4, 2)
+    assert plan["data_memory_mb"] == 64  # 3 workers x 4 samples: the floor
     assert [s["stage"] for s in plan["stages"]] == ["decode", "recaption", "extract", "ground", "filter"]
     runs_as = {s["stage"]: s["runs_as"] for s in plan["stages"]}
     assert (runs_as["decode"], runs_as["ground"], runs_as["filter"]) == (

@@ -80,25 +80,45 @@ def test_dataset_segments_are_consecutive_whole_units_within_the_limit():
     assert dataset_segments([], 8) == [] and dataset_segments([], None) == []
 
 
+def test_data_memory_budget_is_one_decoded_unit_per_worker_unless_set():
+    from engine.runner import DECODED_SAMPLE_KB, MIN_DATA_MEMORY_MB, data_memory_budget
+
+    # glip.yaml: 4 read tasks, 2 nltk extract actors, 1 ground actor, units of 1000 samples
+    glip = load_config("pipelines/glip.yaml", [])
+    assert data_memory_budget(glip) == 7 * 1000 * DECODED_SAMPLE_KB * 2**10
+    more = load_config("pipelines/glip.yaml", ["stages.ground.resources.concurrency=8", "write.shard_size=100"])
+    assert data_memory_budget(more) == 14 * 100 * DECODED_SAMPLE_KB * 2**10
+    # a passthrough recaption joins the read tasks and the filter joins ground: neither adds a worker
+    assert data_memory_budget(load_config("pipelines/glip.yaml", ["stages.filter.resources.concurrency=9"])) == \
+        data_memory_budget(glip)
+    assert data_memory_budget(load_config("pipelines/smoke.yaml", GLIP)) == MIN_DATA_MEMORY_MB * 2**20  # tiny units
+    assert data_memory_budget(load_config("pipelines/glip.yaml", ["ray.data_memory_mb=300"])) == 300 * 2**20
+
+
 def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session, demo_input, model_cache, tmp_path,
                                                                      monkeypatch):
     import pyarrow.parquet as pq
+    import ray.data
 
     from engine import runner
 
-    built = []
+    built, budgets = [], []
     real_build = runner.build_dataset
 
     def spy(units, config):
         built.append([u.index for u in units])
-        return real_build(units, config)
+        dataset = real_build(units, config)
+        budgets.append(ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory)
+        return dataset
 
     monkeypatch.setattr(runner, "build_dataset", spy)
-    config = load_config("pipelines/smoke.yaml", GLIP + [f"cache_dir={model_cache}", "ray.max_samples_per_dataset=8"])
+    config = load_config("pipelines/smoke.yaml", GLIP + [f"cache_dir={model_cache}", "ray.max_samples_per_dataset=8",
+                                                         "ray.data_memory_mb=48"])
     manifest = runner.run(config, inputs=[str(demo_input)], output=tmp_path)
     units = plan_units([str(demo_input)], shard_size=4)
     assert [u.size for u in units] == [4, 2, 4, 2]  # two tars of 6
     assert built == [[0, 1], [2, 3]]  # at most 8 samples each: two Datasets, the second after the first ended
+    assert budgets == [48 * 2**20] * 2  # what Ray Data executes each of them under
     assert manifest["counts"]["read"] == 12 and manifest["units"] == {"planned": 4, "complete": 4}
     rows = pq.read_table(tmp_path / "index").to_pylist()
     assert sorted((r["unit"], r["position"]) for r in rows) == [(u.index, p) for u in units for p in range(u.size)]

@@ -96,9 +96,10 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
     out.print(
         _table(
             f"work into {plan['output']}",
-            ["samples", "units (shards)", "shard size", "complete", "to do", "ray datasets", "ray"],
+            ["samples", "units (shards)", "shard size", "complete", "to do", "ray datasets", "waiting blocks MiB",
+             "ray"],
             [[plan["samples"], plan["units"], plan["shard_size"], len(plan["complete"]), plan["todo"],
-              plan["ray_datasets"], plan["ray_address"] or "embedded"]],
+              plan["ray_datasets"], plan["data_memory_mb"], plan["ray_address"] or "embedded"]],
         )
     )
     if plan["same_plan_as_output"] is False:
