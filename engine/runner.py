@@ -269,9 +269,9 @@ def data_memory_budget(config: PipelineConfig) -> int:
     can have its next block ready and no more; at least MIN_DATA_MEMORY_MB."""
     if config.ray.data_memory_mb is not None:
         return config.ray.data_memory_mb * 2**20
-    first, *rest = operators(config)
+    _, *model_groups = operators(config)
     workers = config.stages.decode.resources.concurrency + sum(
-        getattr(config.stages, names[0]).resources.concurrency for names in rest
+        getattr(config.stages, names[0]).resources.concurrency for names in model_groups
     )
     return max(workers * config.write.shard_size * DECODED_SAMPLE_KB * 2**10, MIN_DATA_MEMORY_MB * 2**20)
 

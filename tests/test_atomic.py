@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -52,13 +53,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 def test_folders_are_made_and_a_killed_writes_temporary_is_found_by_the_cleaner(tmp_path, monkeypatch) -> None:
     atomic_write_bytes(tmp_path / "shards" / "000000.tar", b"tar")
     assert (tmp_path / "shards" / "000000.tar").read_bytes() == b"tar"
-    # a write killed before its rename leaves the temporary: simulate the kill at the rename
-    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # stop the write at its rename and note the temporary it made: what a SIGKILL there leaves behind
+    temporaries = []
+
+    def killed(src, dst):
+        temporaries.append(Path(src))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_bytes(tmp_path / "shards" / "000001.tar", b"partial")
-    assert not (tmp_path / "shards" / "000001.tar").exists()
     monkeypatch.undo()
-    leftover = tmp_path / "shards" / f"000001.tar{TMP_MARK}x1"
-    leftover.write_bytes(b"partial")  # what a SIGKILL between write and rename leaves
+    assert not (tmp_path / "shards" / "000001.tar").exists()
+    assert not temporaries[0].exists()  # an exception still deletes it
+    temporaries[0].write_bytes(b"partial")  # a kill does not
+    assert TMP_MARK in temporaries[0].name and temporaries[0].parent == tmp_path / "shards"
     assert clean_temporaries(tmp_path) == 1
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["000000.tar"]
