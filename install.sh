@@ -7,12 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python}"
-# chromium: headless screenshots of `granucap inspect --html` in tests/test_inspect.py
-APT_PACKAGES=(wordnet-base wordnet-sense-index chromium)
+# chromium: headless screenshots of `granucap inspect --html` in tests/test_inspect.py; libtcmalloc-minimal4:
+# the allocator Ray's workers run with (engine/allocator.py)
+APT_PACKAGES=(wordnet-base wordnet-sense-index chromium libtcmalloc-minimal4)
 
 say() { echo "[install] $*" >&2; }
 
-# 1. system packages: WordNet for the offline entity extractor, Chromium for the HTML page test
+# 1. system packages: WordNet for the offline entity extractor, Chromium for the HTML page test, tcmalloc
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -205,6 +205,10 @@ class RaySpec(_Strict):
     # worker, a unit's `write.shard_size` samples at DECODED_SAMPLE_KB each (runner.data_memory_budget). Ray
     # still lets each operator run a task when the budget is spent, and never goes beyond its own default.
     data_memory_mb: int | None = Field(None, ge=16)
+    # The memory allocator Ray's worker processes (the stages' tasks and actors) run with (engine/allocator.py):
+    # auto = tcmalloc when installed (apt package libtcmalloc-minimal4; install.sh installs it), else the
+    # system's; on a Ray cluster auto means the system's. tcmalloc / jemalloc: that one, or an error if missing.
+    worker_allocator: Literal["auto", "system", "tcmalloc", "jemalloc"] = "auto"
 
 
 class PipelineConfig(_Strict):

@@ -155,6 +155,18 @@ def check_models(pipeline_paths: list[Path]) -> list[Check]:
     return out
 
 
+def check_allocator() -> list[Check]:
+    """tcmalloc, which Ray's workers run with when installed (`ray.worker_allocator: auto`)."""
+    from engine.allocator import ALLOCATORS, find_library
+
+    library = find_library("tcmalloc")
+    if library:
+        return [Check("memory", "tcmalloc", STATUS_OK, f"{library} · Ray's workers run with it")]
+    _, package = ALLOCATORS["tcmalloc"]
+    return [Check("memory", "tcmalloc", STATUS_INFO, f"not installed (apt-get install {package}) · Ray's workers "
+                  "use the system allocator, which keeps more of the models' freed batch memory")]
+
+
 def default_pipelines() -> list[Path]:
     """pipelines/*.yaml of the source checkout, when granucap runs from one."""
     folder = Path(__file__).resolve().parent.parent / "pipelines"
@@ -166,7 +178,7 @@ def run_checks(pipeline_paths: list[Path] | None = None) -> list[Check]:
 
     paths = default_pipelines() if pipeline_paths is None else pipeline_paths
     checks = [Check("granucap", "granucap", STATUS_OK, __version__)]
-    checks += check_packages() + check_gpu() + check_nltk() + check_models(paths)
+    checks += check_packages() + check_gpu() + check_nltk() + check_allocator() + check_models(paths)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     checks.append(
         Check("tools", "chromium", STATUS_OK if chromium else STATUS_INFO,

@@ -239,9 +239,12 @@ def write_html(run_dir: str | Path, dest: str | Path, *, gallery: int = 24, summ
 # --- the plan of a run that has not started ------------------------------------------------------------
 
 
-def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any]:
+def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: str | None = None) -> dict[str, Any]:
     """What `granucap run` would do, from the config and a cheap count of the inputs; starts nothing."""
     from dataclasses import asdict
+
+    from engine.allocator import AllocatorError
+    from engine.allocator import resolve as resolve_allocator
 
     from engine.io.readers import plan_units
     from engine.runner import (
@@ -286,6 +289,11 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
     if plan_path.is_file():
         same_plan = json.loads(plan_path.read_text()) == [asdict(u) for u in units]
     todo = [u for u in units if u.index not in done] if same_plan is not False else units
+    address = ray_address or config.ray.address
+    try:
+        allocator = resolve_allocator(config.ray.worker_allocator, cluster=bool(address)).why
+    except AllocatorError as exc:  # `run` would refuse to start
+        allocator = f"error: {exc}"
     return {
         "pipeline": config.name,
         "output": str(output),
@@ -298,6 +306,7 @@ def plan_summary(config, inputs: list[str], output: str | Path) -> dict[str, Any
         "data_memory_mb": round(data_memory_budget(config) / 2**20),  # Ray Data's budget for waiting blocks
         "ray_datasets": len(dataset_segments(todo, config.ray.max_samples_per_dataset)),  # Datasets `run` would start
         "same_plan_as_output": same_plan,  # None: no plan.json yet; False: `run` would refuse this output
-        "ray_address": config.ray.address,
+        "ray_address": address,
+        "worker_allocator": allocator,  # what Ray's workers would run with (engine/allocator.py)
         "inputs": sorted({u.path for u in units}),
     }

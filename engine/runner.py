@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 
 from engine import __version__
+from engine.allocator import AllocatorError, WorkerAllocator
+from engine.allocator import resolve as resolve_allocator
 from engine.config import PipelineConfig, Resources
 from engine.io.readers import Unit, plan_units, read_unit
 from engine.models.loading import is_dummy
@@ -198,7 +200,18 @@ class _StageActor:
         return to_table(records)
 
 
+def worker_allocator(config: PipelineConfig, address: str | None = None) -> WorkerAllocator:
+    """The allocator Ray's workers will run with (`ray.worker_allocator`); RunError if it is not installed."""
+    try:
+        return resolve_allocator(config.ray.worker_allocator, cluster=bool(address or config.ray.address))
+    except AllocatorError as exc:
+        raise RunError(str(exc)) from None
+
+
 def _ray_init(config: PipelineConfig, address: str | None) -> None:
+    """Start Ray embedded (or join `address`) with the workers' environment: granucap's and the model
+    libraries' variables, quiet model loading, and the worker allocator. A session already started (by the
+    caller) is used as it is."""
     import ray
 
     if ray.is_initialized():
@@ -206,6 +219,9 @@ def _ray_init(config: PipelineConfig, address: str | None) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PASSTHROUGH)}
     for key, value in QUIET_WORKERS.items():
         env.setdefault(key, value)
+    allocator = worker_allocator(config, address)
+    env.update(allocator.env(os.environ.get("LD_PRELOAD")))
+    log.info("Ray workers' memory allocator: %s", allocator.why)
     address = address or config.ray.address
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if address:
@@ -443,6 +459,7 @@ def run(
     """Run the pipeline over `inputs` into `output`; resumable; returns the manifest."""
     output = Path(output)
     check_stage_inputs(config)
+    worker_allocator(config, ray_address)  # a missing allocator library fails here, before anything is written
     units = plan_units(inputs, shard_size=config.write.shard_size)
     _check_plan(output, units)
     removed = clean_temporaries(output)

@@ -14,7 +14,8 @@ def test_doctor_lists_packages_gpu_nltk_and_the_pipelines_models(capsys):
     assert main(["doctor", "--json"]) == 0
     checks = json.loads(capsys.readouterr().out)
     by_name = {c["name"]: c for c in checks}
-    assert {"packages", "gpu", "nltk data", "models"} <= {c["group"] for c in checks}
+    assert {"packages", "gpu", "nltk data", "memory", "models"} <= {c["group"] for c in checks}
+    assert by_name["tcmalloc"]["status"] in ("ok", "info") and "Ray's workers" in by_name["tcmalloc"]["detail"]
     assert by_name["pyarrow"]["status"] == "ok" and by_name["ray"]["status"] == "ok"
     assert by_name["torch.cuda"]["status"] in ("ok", "info")
     assert "smoke/ground" in by_name["tiny:grounding-dino"]["detail"].split("used by ")[1].split(", ")

@@ -97,9 +97,14 @@ def test_dry_run_prints_the_plan_and_starts_nothing(demo_input, tmp_path, monkey
     assert main(argv) == 0
     out = capsys.readouterr().out
     for text in ("decode", "recaption", "tiny:llava", "actor pool", "ground", "filter", "dry run: nothing was started",
-                 "waiting blocks MiB"):
+                 "waiting blocks MiB", "Ray workers' memory allocator: "):
         assert text in out
     assert not out_dir.exists()  # nothing written either
+    # an allocator that is not installed: the plan says `run` would refuse it, and still starts nothing
+    monkeypatch.setattr("engine.allocator.library_dirs", lambda: [tmp_path / "no-libraries"])
+    assert main(argv + ["--set", "ray.worker_allocator=jemalloc"]) == 0
+    assert "allocator: error: ray.worker_allocator is jemalloc" in capsys.readouterr().out.replace("\n", " ")
+    assert not out_dir.exists()
 
 
 def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
@@ -118,6 +123,8 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     split = config.model_copy(update={"ray": config.ray.model_copy(update={"max_samples_per_dataset": 4})})
     assert plan_summary(split, [str(demo_input)], out)["ray_datasets"] == 3  # units 0, 2, 3 (sizes 4, 4, 2)
     assert plan["data_memory_mb"] == 64  # 3 workers x 4 samples: the floor
+    cluster = plan_summary(config, [str(demo_input)], out, ray_address="10.0.0.1:6379")
+    assert cluster["ray_address"] == "10.0.0.1:6379" and cluster["worker_allocator"].startswith("system allocator")
     assert [s["stage"] for s in plan["stages"]] == ["decode", "recaption", "extract", "ground", "filter"]
     runs_as = {s["stage"]: s["runs_as"] for s in plan["stages"]}
     assert (runs_as["decode"], runs_as["ground"], runs_as["filter"]) == (

@@ -79,8 +79,7 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
     """Print what `granucap run` would do; used by `granucap run --dry-run`."""
     from engine.inspect import plan_summary
 
-    plan = plan_summary(config, inputs, output)
-    plan["ray_address"] = ray_address or plan["ray_address"]
+    plan = plan_summary(config, inputs, output, ray_address=ray_address)
     if as_json:
         print(json.dumps(plan))
         return 0
@@ -102,6 +101,8 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
               plan["ray_datasets"], plan["data_memory_mb"], plan["ray_address"] or "embedded"]],
         )
     )
+    out.print(f"Ray workers' memory allocator: {plan['worker_allocator']}", markup=False,
+              style="red" if plan["worker_allocator"].startswith("error") else None)
     if plan["same_plan_as_output"] is False:
         out.print("[red]the output holds a different input plan: `granucap run` would refuse it[/red]")
     out.print("dry run: nothing was started")
