@@ -82,3 +82,12 @@ def run_cli(args: list[str], *, env: dict | None = None, sample_every: float = 0
     thread.join()
     return {"seconds": time.perf_counter() - start, "returncode": proc.returncode, **{f"peak_{k}": v for k, v in peaks.items()},
             "at_peak": at_peak, "stdout": out, "stderr": err}
+
+
+def allocator_line(overrides: list[str]) -> str:
+    """Which allocator the run's Ray workers get with these `--set` overrides (engine/allocator.py)."""
+    from engine.allocator import resolve
+    from engine.config import load_config
+
+    config = load_config(ROOT / "pipelines" / "smoke.yaml", overrides)
+    return f"Ray workers' allocator: {resolve(config.ray.worker_allocator).why}"

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _session import run_cli
+from _session import allocator_line, run_cli
 
 
 def main() -> None:
@@ -51,6 +51,7 @@ def main() -> None:
           f"{'seconds':>9}")
     for factor, n, mb, rss, pss, anon, shmem, sec in rows:
         print(f"{str(factor) + 'x':>6}{n:>9}{mb:>11.1f}{'':>11}{rss:>7.0f}{pss:>7.0f}{anon:>7.0f}{shmem:>7.0f}{sec:>9.1f}")
+    print(allocator_line(args.set))
     a, b = rows
     print(f"{args.factor}x / 1x: peak RSS {b[3] / a[3]:.2f}, PSS {b[4] / a[4]:.2f}, anonymous {b[5] / a[5]:.2f}, "
           f"object store pages {b[6] / max(a[6], 1e-9):.2f}  (target <= 1.10; RSS counts shared pages once per "

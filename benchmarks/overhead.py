@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _session import ROOT, run_cli
+from _session import ROOT, allocator_line, run_cli
 
 
 def stage_compute_seconds(inp: Path, overrides: list[str], batch: int) -> dict[str, float]:
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     results = [measure(n, args) for n in args.samples]
     print(f"cpus {os.cpu_count()}, ground actors {args.ground_actors}; compute = sequential, in one process, "
-          f"torch on {os.cpu_count()} threads")
+          f"torch on {os.cpu_count()} threads (the system allocator); {allocator_line([])}")
     names = list(results[0]["compute"])
     print(f"{'samples':<30}" + "".join(f"{r['samples']:>10}" for r in results))
     for name in names:
