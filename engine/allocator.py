@@ -64,7 +64,7 @@ class WorkerAllocator:
         allocator's own settings; nothing for the system allocator."""
         if self.library is None:
             return {}
-        preload = [p for p in (inherited or "").replace(":", " ").split() if p and p != str(self.library)]
+        preload = [p for p in (inherited or "").replace(":", " ").split() if p != str(self.library)]
         return {"LD_PRELOAD": " ".join([*preload, str(self.library)]), **QUIET.get(self.name, {})}
 
 

@@ -157,14 +157,13 @@ def check_models(pipeline_paths: list[Path]) -> list[Check]:
 
 def check_allocator() -> list[Check]:
     """tcmalloc, which Ray's workers run with when installed (`ray.worker_allocator: auto`)."""
-    from engine.allocator import ALLOCATORS, find_library
+    from engine.allocator import resolve
 
-    library = find_library("tcmalloc")
-    if library:
-        return [Check("memory", "tcmalloc", STATUS_OK, f"{library} · Ray's workers run with it")]
-    _, package = ALLOCATORS["tcmalloc"]
-    return [Check("memory", "tcmalloc", STATUS_INFO, f"not installed (apt-get install {package}) · Ray's workers "
-                  "use the system allocator, which keeps more of the models' freed batch memory")]
+    chosen = resolve("auto")
+    if chosen.library:
+        return [Check("memory", "tcmalloc", STATUS_OK, f"Ray's workers run with {chosen.why}")]
+    return [Check("memory", "tcmalloc", STATUS_INFO, f"Ray's workers use the {chosen.why}, which keeps more of "
+                  "the models' freed batch memory")]
 
 
 def default_pipelines() -> list[Path]:

@@ -243,11 +243,9 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
     """What `granucap run` would do, from the config and a cheap count of the inputs; starts nothing."""
     from dataclasses import asdict
 
-    from engine.allocator import AllocatorError
-    from engine.allocator import resolve as resolve_allocator
-
     from engine.io.readers import plan_units
     from engine.runner import (
+        RunError,
         check_stage_inputs,
         data_memory_budget,
         dataset_segments,
@@ -255,6 +253,7 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
         operators,
         stage_names,
         uses_model,
+        worker_allocator,
     )
     from engine.stages.write import completed_units
 
@@ -291,8 +290,8 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
     todo = [u for u in units if u.index not in done] if same_plan is not False else units
     address = ray_address or config.ray.address
     try:
-        allocator = resolve_allocator(config.ray.worker_allocator, cluster=bool(address)).why
-    except AllocatorError as exc:  # `run` would refuse to start
+        allocator = worker_allocator(config, address).why
+    except RunError as exc:  # `run` would refuse to start
         allocator = f"error: {exc}"
     return {
         "pipeline": config.name,

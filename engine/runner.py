@@ -208,10 +208,10 @@ def worker_allocator(config: PipelineConfig, address: str | None = None) -> Work
         raise RunError(str(exc)) from None
 
 
-def _ray_init(config: PipelineConfig, address: str | None) -> None:
+def _ray_init(config: PipelineConfig, address: str | None, allocator: WorkerAllocator) -> None:
     """Start Ray embedded (or join `address`) with the workers' environment: granucap's and the model
-    libraries' variables, quiet model loading, and the worker allocator. A session already started (by the
-    caller) is used as it is."""
+    libraries' variables, quiet model loading, and `allocator` (from `worker_allocator`). A session already
+    started (by the caller) is used as it is."""
     import ray
 
     if ray.is_initialized():
@@ -219,7 +219,6 @@ def _ray_init(config: PipelineConfig, address: str | None) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PASSTHROUGH)}
     for key, value in QUIET_WORKERS.items():
         env.setdefault(key, value)
-    allocator = worker_allocator(config, address)
     env.update(allocator.env(os.environ.get("LD_PRELOAD")))
     log.info("Ray workers' memory allocator: %s", allocator.why)
     address = address or config.ray.address
@@ -459,7 +458,7 @@ def run(
     """Run the pipeline over `inputs` into `output`; resumable; returns the manifest."""
     output = Path(output)
     check_stage_inputs(config)
-    worker_allocator(config, ray_address)  # a missing allocator library fails here, before anything is written
+    allocator = worker_allocator(config, ray_address)  # a missing library fails here, before anything is written
     units = plan_units(inputs, shard_size=config.write.shard_size)
     _check_plan(output, units)
     removed = clean_temporaries(output)
@@ -473,7 +472,7 @@ def run(
     write_manifest(output, config, units, inputs, status="running", started_at=started)
     log.info("%d units planned, %d already complete, %d to do", len(units), len(done), len(todo))
     if todo:
-        _ray_init(config, ray_address)
+        _ray_init(config, ray_address, allocator)
         _check_actor_cpus(config)
         writer = ShardWriter(
             output, expected={u.index: u.stop - u.start for u in todo}, seen_keys=completed_keys(output, sorted(done))

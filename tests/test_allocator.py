@@ -52,7 +52,7 @@ def test_a_run_asking_for_a_missing_allocator_stops_before_writing(demo_input, t
 def test_ray_workers_run_with_tcmalloc_and_the_driver_keeps_its_own():
     import ray
 
-    from engine.runner import _ray_init
+    from engine.runner import _ray_init, worker_allocator
 
     library = find_library("tcmalloc")
     if library is None:
@@ -73,7 +73,8 @@ def test_ray_workers_run_with_tcmalloc_and_the_driver_keeps_its_own():
         def mapped(self) -> tuple[int, bool]:
             return os.getpid(), mapped()
 
-    _ray_init(load_config("pipelines/smoke.yaml", GLIP), None)
+    config = load_config("pipelines/smoke.yaml", GLIP)
+    _ray_init(config, None, worker_allocator(config))
     try:
         actor = Actor.remote()
         pid, actor_mapped = ray.get(actor.mapped.remote())
