@@ -2,10 +2,12 @@
 `ray.max_samples_per_dataset` does). Ray Data keeps statistics of every block it produced in the driver until
 the Dataset ends (ray-project/ray#66016); granucap's operators produce about one block per unit each. The
 pipeline here has the runner's shape without its work (unit rows → a generator task per unit → an actor
-pool → the driver iterating pyarrow batches), so thousands of units take minutes, not hours. Each side runs
-in a fresh process. Run by hand:
+pool → the driver iterating pyarrow batches), so thousands of units take minutes, not hours. A third side caps
+the driver's glibc malloc arenas as the runner does (`ray.driver_malloc_arenas`, default 1): with glibc's
+default, every finished Dataset leaves fragments in the arenas of the driver's many threads. Each side runs in
+a fresh process. Run by hand:
 
-    python benchmarks/datasets.py --units 10000 --datasets 5
+    python benchmarks/datasets.py --units 10000 --datasets 10
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def child(units: int, datasets: int) -> None:
+def child(units: int, datasets: int, arenas: int) -> None:
     import gc
 
     import pyarrow as pa
@@ -46,6 +48,10 @@ def child(units: int, datasets: int) -> None:
         ds = ds.map_batches(Stage, batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
         return sum(t.num_rows for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
+    if arenas:
+        from engine.allocator import driver_malloc
+
+        driver_malloc(arenas, apply=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -67,30 +73,36 @@ def child(units: int, datasets: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=10000)
-    parser.add_argument("--datasets", type=int, default=5, help="the consecutive Datasets of the second side")
-    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--datasets", type=int, default=10, help="the consecutive Datasets of the second and third sides")
+    parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    sides = {  # label -> (Datasets, driver malloc arenas; 0: glibc's default)
+        "one Dataset": (1, 0),
+        f"{args.datasets} Datasets": (args.datasets, 0),
+        f"{args.datasets} Datasets, 1 arena": (args.datasets, 1),
+    }
     results = {}
-    for datasets in (1, args.datasets):
-        proc = subprocess.run([sys.executable, __file__, "--child", str(args.units), str(datasets)],
+    for label, (datasets, arenas) in sides.items():
+        proc = subprocess.run([sys.executable, __file__, "--child", str(args.units), str(datasets), str(arenas)],
                               capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
-        results[datasets] = json.loads(proc.stdout.strip().splitlines()[-1])
-        if results[datasets]["rows"] != 8 * args.units:
-            raise SystemExit(f"{datasets} Datasets: {results[datasets]['rows']} rows, expected {8 * args.units}")
+        results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if results[label]["rows"] != 8 * args.units:
+            raise SystemExit(f"{label}: {results[label]['rows']} rows, expected {8 * args.units}")
     print(f"{args.units:,} units (one block per unit per operator); driver RSS growth after the run")
-    print(f"{'':<24}{'MiB':>8}{'KB/unit':>9}{'seconds':>9}  after each Dataset (MiB)")
-    for datasets, r in results.items():
+    print(f"{'':<28}{'MiB':>8}{'KB/unit':>9}{'seconds':>9}{'ratio':>7}  after each Dataset (MiB)")
+    first = results["one Dataset"]
+    for label, r in results.items():
         grown = r["growth_mib"][-1]
-        steps = " ".join(f"{g:.0f}" for g in r["growth_mib"]) if datasets > 1 else ""
-        print(f"{f'{datasets} Dataset(s)':<24}{grown:>8.0f}{grown * 1024 / args.units:>9.1f}{r['seconds']:>9.0f}  {steps}")
-    one, many = results[1]["growth_mib"][-1], results[args.datasets]["growth_mib"][-1]
-    print(f"{args.datasets} Datasets / 1: driver growth {many / max(one, 1e-9):.2f}x, "
-          f"time {results[args.datasets]['seconds'] / results[1]['seconds']:.2f}x")
+        steps = " ".join(f"{g:.0f}" for g in r["growth_mib"]) if len(r["growth_mib"]) > 1 else ""
+        print(f"{label:<28}{grown:>8.0f}{grown * 1024 / args.units:>9.1f}{r['seconds']:>9.0f}"
+              f"{grown / max(first['growth_mib'][-1], 1e-9):>6.2f}x  {steps}")
+    print("ratio: driver growth against one Dataset with glibc's default arenas (the runner's defaults are the "
+          "last row: ray.max_samples_per_dataset and ray.driver_malloc_arenas)")
 
 
 if __name__ == "__main__":

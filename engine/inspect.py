@@ -243,6 +243,7 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
     """What `granucap run` would do, from the config and a cheap count of the inputs; starts nothing."""
     from dataclasses import asdict
 
+    from engine.allocator import driver_malloc
     from engine.io.readers import plan_units
     from engine.runner import (
         RunError,
@@ -307,5 +308,6 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
         "same_plan_as_output": same_plan,  # None: no plan.json yet; False: `run` would refuse this output
         "ray_address": address,
         "worker_allocator": allocator,  # what Ray's workers would run with (engine/allocator.py)
+        "driver_malloc": driver_malloc(config.ray.driver_malloc_arenas),  # the driver's, as `run` would set it
         "inputs": sorted({u.path for u in units}),
     }

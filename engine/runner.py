@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 
 from engine import __version__
-from engine.allocator import AllocatorError, WorkerAllocator
+from engine.allocator import AllocatorError, WorkerAllocator, driver_malloc
 from engine.allocator import resolve as resolve_allocator
 from engine.config import PipelineConfig, Resources
 from engine.io.readers import Unit, plan_units, read_unit
@@ -472,6 +472,8 @@ def run(
     write_manifest(output, config, units, inputs, status="running", started_at=started)
     log.info("%d units planned, %d already complete, %d to do", len(units), len(done), len(todo))
     if todo:
+        # before Ray starts its threads in this process: glibc caps only the arenas still to be made
+        log.info("the driver's memory allocator: %s", driver_malloc(config.ray.driver_malloc_arenas, apply=True))
         _ray_init(config, ray_address, allocator)
         _check_actor_cpus(config)
         writer = ShardWriter(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import subprocess
+import sys
 
 import pytest
 
 from engine import allocator
-from engine.allocator import AllocatorError, find_library, resolve
+from engine.allocator import AllocatorError, driver_malloc, find_library, resolve
 from engine.config import load_config
 from engine.runner import RunError, run
 
@@ -82,3 +85,50 @@ def test_ray_workers_run_with_tcmalloc_and_the_driver_keeps_its_own():
         assert not mapped()  # the driver was started before; it keeps the allocator it has
     finally:
         ray.shutdown()
+
+
+GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+
+# four threads that each allocate while all are alive, then glibc's per-arena statistics (on stderr)
+ARENAS_SCRIPT = """
+import ctypes, sys, threading
+from engine.allocator import driver_malloc
+if sys.argv[1] != "default":
+    print(driver_malloc(int(sys.argv[1]), apply=True))
+barrier, kept = threading.Barrier(4), []
+def work():
+    kept.append([bytearray(65536) for _ in range(8)])  # below the mmap threshold: from an arena
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+ctypes.CDLL(None).malloc_stats()
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="ray.driver_malloc_arenas is a glibc setting")
+@pytest.mark.parametrize("setting, arenas", [("default", None), ("1", 1), ("2", 2)])
+def test_the_drivers_malloc_arenas_are_capped_for_the_threads_to_come(setting, arenas):
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "LD_PRELOAD")}
+    proc = subprocess.run([sys.executable, "-c", ARENAS_SCRIPT, setting], capture_output=True, text=True, env=env,
+                          check=True)
+    count = sum(line.startswith("Arena ") for line in proc.stderr.splitlines())
+    if arenas is None:
+        assert count >= 5  # glibc's default: the main thread's arena and one for each new thread
+    else:
+        assert count == arenas
+        assert proc.stdout.strip() == f"glibc malloc, at most {arenas} arena{'s' if arenas > 1 else ''}"
+
+
+def test_the_drivers_malloc_is_left_alone_when_the_user_chose(monkeypatch):
+    def no_glibc_call(*args, **kwargs):
+        raise AssertionError("mallopt must not be called")
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", no_glibc_call)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert "default" in driver_malloc(None, apply=True)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert driver_malloc(1, apply=True) == "MALLOC_ARENA_MAX=4 from the environment"
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so /usr/lib/libtcmalloc_minimal.so.4")
+    assert driver_malloc(1, apply=True) == "libtcmalloc_minimal.so.4 (preloaded)"

@@ -97,7 +97,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(demo_input, tmp_path, monkey
     assert main(argv) == 0
     out = capsys.readouterr().out
     for text in ("decode", "recaption", "tiny:llava", "actor pool", "ground", "filter", "dry run: nothing was started",
-                 "waiting blocks MiB", "Ray workers' memory allocator: "):
+                 "waiting blocks MiB", "Ray workers' memory allocator: ", "the driver's memory allocator: "):
         assert text in out
     assert not out_dir.exists()  # nothing written either
     # an allocator that is not installed: the plan says `run` would refuse it, and still starts nothing

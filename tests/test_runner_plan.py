@@ -2,6 +2,7 @@
 
 import pytest
 
+from engine.allocator import driver_malloc
 from engine.config import load_config
 from engine.io.readers import plan_units
 from engine.runner import build_dataset
@@ -96,7 +97,7 @@ def test_data_memory_budget_is_one_decoded_unit_per_worker_unless_set():
 
 
 def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session, demo_input, model_cache, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, caplog):
     import pyarrow.parquet as pq
     import ray.data
 
@@ -114,7 +115,11 @@ def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session,
     monkeypatch.setattr(runner, "build_dataset", spy)
     config = load_config("pipelines/smoke.yaml", GLIP + [f"cache_dir={model_cache}", "ray.max_samples_per_dataset=8",
                                                          "ray.data_memory_mb=48"])
-    manifest = runner.run(config, inputs=[str(demo_input)], output=tmp_path)
+    with caplog.at_level("INFO", logger="engine.runner"):
+        manifest = runner.run(config, inputs=[str(demo_input)], output=tmp_path)
+    # the driver's malloc was set before the Datasets ran (ray.driver_malloc_arenas, default 1; with glibc:
+    # "glibc malloc, at most 1 arena", tests/test_allocator.py) so they leave no fragments in many arenas
+    assert f"the driver's memory allocator: {driver_malloc(1)}" in caplog.text
     units = plan_units([str(demo_input)], shard_size=4)
     assert [u.size for u in units] == [4, 2, 4, 2]  # two tars of 6
     assert built == [[0, 1], [2, 3]]  # at most 8 samples each: two Datasets, the second after the first ended

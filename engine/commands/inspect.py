@@ -103,6 +103,7 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
     )
     out.print(f"Ray workers' memory allocator: {plan['worker_allocator']}", markup=False,
               style="red" if plan["worker_allocator"].startswith("error") else None)
+    out.print(f"the driver's memory allocator: {plan['driver_malloc']}", markup=False)
     if plan["same_plan_as_output"] is False:
         out.print("[red]the output holds a different input plan: `granucap run` would refuse it[/red]")
     out.print("dry run: nothing was started")
