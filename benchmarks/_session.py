@@ -53,9 +53,11 @@ def session_memory(sid: int, breakdown: dict | None = None) -> dict[str, int]:
     return totals
 
 
-def run_cli(args: list[str], *, env: dict | None = None, sample_every: float = 0.25) -> dict:
+def run_cli(args: list[str], *, env: dict | None = None, sample_every: float | None = 0.25) -> dict:
     """Run `granucap ARGS` in a new session; returns wall seconds, exit code, the session's peaks (`peak_rss`,
-    `peak_pss`, `peak_anon`, `peak_shmem`: each its own maximum over the run) and the processes at the RSS peak."""
+    `peak_pss`, `peak_anon`, `peak_shmem`: each its own maximum over the run) and the processes at the RSS peak.
+    `sample_every` None: no sampling (peaks 0). Sampling is not free: reading every process's smaps_rollup four
+    times a second took ≈ 10% of a 2,000-sample run's wall time on two cores, so timing benchmarks turn it off."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env,
@@ -76,10 +78,12 @@ def run_cli(args: list[str], *, env: dict | None = None, sample_every: float = 0
             time.sleep(sample_every)
 
     thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    if sample_every is not None:
+        thread.start()
     out, err = proc.communicate()
     done.set()
-    thread.join()
+    if sample_every is not None:
+        thread.join()
     return {"seconds": time.perf_counter() - start, "returncode": proc.returncode, **{f"peak_{k}": v for k, v in peaks.items()},
             "at_peak": at_peak, "stdout": out, "stderr": err}
 

@@ -73,7 +73,8 @@ def child(units: int, datasets: int, arenas: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=10000)
-    parser.add_argument("--datasets", type=int, default=10, help="the consecutive Datasets of the second and third sides")
+    parser.add_argument("--datasets", type=int, default=10,
+                        help="the consecutive Datasets of the second and third sides")
     parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -6,6 +6,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_a_run_asking_for_a_missing_allocator_stops_before_writing(demo_input, t
 
 
 @pytest.mark.slow
-def test_ray_workers_run_with_tcmalloc_and_the_driver_keeps_its_own():
+def test_ray_workers_run_with_tcmalloc_and_the_driver_keeps_its_own_and_no_worker_idles_without_them():
     import ray
 
     from engine.runner import _ray_init, worker_allocator
@@ -76,6 +77,24 @@ def test_ray_workers_run_with_tcmalloc_and_the_driver_keeps_its_own():
         def mapped(self) -> tuple[int, bool]:
             return os.getpid(), mapped()
 
+    @ray.remote(num_cpus=0.25)
+    def raylet_pid() -> str:
+        return os.environ["RAY_RAYLET_PID"]
+
+    def idle_workers(raylet: str) -> dict[int, set[str]]:
+        """The idle worker processes of this Ray session -> the names of their environment variables."""
+        found = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = open(f"/proc/{pid}/cmdline", "rb").read()
+                variables = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            env = dict(v.split(b"=", 1) for v in variables if b"=" in v)
+            if title.startswith(b"ray::IDLE") and env.get(b"RAY_RAYLET_PID") == raylet.encode():
+                found[int(pid)] = {k.decode() for k in env}
+        return found
+
     config = load_config("pipelines/smoke.yaml", GLIP)
     _ray_init(config, None, worker_allocator(config))
     try:
@@ -83,6 +102,13 @@ def test_ray_workers_run_with_tcmalloc_and_the_driver_keeps_its_own():
         pid, actor_mapped = ray.get(actor.mapped.remote())
         assert ray.get(task.remote()) and actor_mapped and pid != os.getpid()
         assert not mapped()  # the driver was started before; it keeps the allocator it has
+        # every idle worker has the run's environment: Ray prestarts workers without it for a new driver (within
+        # about a second) unless told not to, and no task or actor of the run could ever use those
+        raylet = ray.get(raylet_pid.remote())
+        time.sleep(2)
+        idle = idle_workers(raylet)
+        assert idle, "the task's worker should be idle now"
+        assert all("TRANSFORMERS_VERBOSITY" in env for env in idle.values()), idle.keys()
     finally:
         ray.shutdown()
 
