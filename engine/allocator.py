@@ -38,7 +38,8 @@ M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 class AllocatorError(RuntimeError):
-    """`ray.worker_allocator` names an allocator whose library is not installed."""
+    """`ray.worker_allocator` names an allocator whose library is not installed, or glibc refused
+    `ray.driver_malloc_arenas`."""
 
 
 def library_dirs() -> list[Path]:
