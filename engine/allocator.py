@@ -55,6 +55,11 @@ def library_dirs() -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
+def preloads(value: str | None) -> list[str]:
+    """The libraries an LD_PRELOAD value names (the loader takes spaces and colons between them)."""
+    return (value or "").replace(":", " ").split()
+
+
 def find_library(name: str, dirs: list[Path] | None = None) -> Path | None:
     """The first installed shared library of allocator `name`, or None."""
     libraries, _ = ALLOCATORS[name]
@@ -76,7 +81,7 @@ class WorkerAllocator:
         allocator's own settings; nothing for the system allocator."""
         if self.library is None:
             return {}
-        preload = [p for p in (inherited or "").replace(":", " ").split() if p != str(self.library)]
+        preload = [p for p in preloads(inherited) if p != str(self.library)]
         return {"LD_PRELOAD": " ".join([*preload, str(self.library)]), **QUIET.get(self.name, {})}
 
 
@@ -121,7 +126,7 @@ def driver_malloc(arenas: int | None, *, apply: bool = False) -> str:
         return "glibc's default malloc arenas (ray.driver_malloc_arenas: null)"
     if os.environ.get("MALLOC_ARENA_MAX"):
         return f"MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']} from the environment"
-    preloaded = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    preloaded = [p for p in preloads(os.environ.get("LD_PRELOAD"))
                  if any(Path(p).name in libraries for libraries, _ in ALLOCATORS.values())]
     if preloaded:
         return f"{Path(preloaded[0]).name} (preloaded)"
