@@ -251,6 +251,7 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
         data_memory_budget,
         dataset_segments,
         describe_models,
+        measure_sample_bytes,
         operators,
         stage_names,
         uses_model,
@@ -290,6 +291,8 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
         same_plan = json.loads(plan_path.read_text()) == [asdict(u) for u in units]
     todo = [u for u in units if u.index not in done] if same_plan is not False else units
     address = ray_address or config.ray.address
+    # as `run` sizes its default budget: the first samples still to do, read and decoded (a fraction of a second)
+    sample_bytes = measure_sample_bytes(todo, config) if config.ray.data_memory_mb is None and todo else None
     try:
         allocator = worker_allocator(config, address).why
     except RunError as exc:  # `run` would refuse to start
@@ -303,7 +306,8 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
         "shard_size": config.write.shard_size,
         "complete": sorted(u.index for u in units if u.index in done) if same_plan is not False else [],
         "todo": len(todo),
-        "data_memory_mb": round(data_memory_budget(config) / 2**20),  # Ray Data's budget for waiting blocks
+        "data_memory_mb": round(data_memory_budget(config, sample_bytes) / 2**20),  # Ray Data's budget for waiting blocks
+        "sample_kb": None if sample_bytes is None else round(sample_bytes / 2**10, 1),  # measured; None: not measured
         "ray_datasets": len(dataset_segments(todo, config.ray.max_samples_per_dataset)),  # Datasets `run` would start
         "same_plan_as_output": same_plan,  # None: no plan.json yet; False: `run` would refuse this output
         "ray_address": address,

@@ -25,6 +25,7 @@ import platform
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -275,27 +276,60 @@ def dataset_segments(units: list[Unit], max_samples: int | None) -> list[list[Un
     return segments
 
 
-# What a decoded sample is taken to weigh when `ray.data_memory_mb` is unset: a high-quality JPEG of about one
-# megapixel. Set `ray.data_memory_mb` for images much larger or smaller.
+# What a decoded sample is taken to weigh when `ray.data_memory_mb` is unset and the input could not be sampled
+# (measure_sample_bytes): a high-quality JPEG of about one megapixel.
 DECODED_SAMPLE_KB = 256
 MIN_DATA_MEMORY_MB = 64
+# How many samples the driver reads and decodes to size the default budget (measure_sample_bytes)
+SIZE_SAMPLES = 32
 
 
-def data_memory_budget(config: PipelineConfig) -> int:
+def measure_sample_bytes(units: list[Unit], config: PipelineConfig, samples: int = SIZE_SAMPLES) -> float | None:
+    """Mean bytes of one sample as the read tasks hand it on: the first `samples` samples of `units` read and
+    run through the first operator's stages (decode's re-encoded JPEG, the caption, metadata) into an Arrow
+    table, as `_read_units` does; the mean is over the samples that passed (a broken file's rejected rows say
+    nothing of the images after it), over all of them when none did. None when reading or decoding fails: the
+    budget then falls back to DECODED_SAMPLE_KB, and the run itself reports what is wrong."""
+    from contextlib import closing
+    from itertools import islice
+
+    rows: list[Record] = []
+    try:
+        for unit in units:
+            with closing(read_unit(unit)) as records:
+                rows.extend(islice(records, samples - len(rows)))
+            if len(rows) >= samples:
+                break
+        if not rows:
+            return None
+        for stage in [build_stage(name, config) for name in operators(config)[0]]:
+            rows = stage(rows)
+        passed = [r for r in rows if r.ok] or rows
+        return to_table(passed).nbytes / len(passed)
+    except Exception as exc:  # sizing must never cost the run: the read tasks meet the same input and say why
+        log.warning("could not size the input's decoded samples (%s: %s); taking %d KB a sample",
+                    type(exc).__name__, exc, DECODED_SAMPLE_KB)
+        return None
+
+
+def data_memory_budget(config: PipelineConfig, sample_bytes: float | None = None) -> int:
     """Bytes of Ray's object store the run's blocks may hold between operators: `ray.data_memory_mb`, or by
     default one decoded unit for every worker (the read tasks and every model stage's actors), so each of them
-    can have its next block ready and no more; at least MIN_DATA_MEMORY_MB."""
+    can have its next block ready and no more; a unit is `write.shard_size` samples of `sample_bytes` each
+    (measure_sample_bytes; None: DECODED_SAMPLE_KB); at least MIN_DATA_MEMORY_MB."""
     if config.ray.data_memory_mb is not None:
         return config.ray.data_memory_mb * 2**20
     _, *model_groups = operators(config)
     workers = config.stages.decode.resources.concurrency + sum(
         getattr(config.stages, names[0]).resources.concurrency for names in model_groups
     )
-    return max(workers * config.write.shard_size * DECODED_SAMPLE_KB * 2**10, MIN_DATA_MEMORY_MB * 2**20)
+    per_sample = DECODED_SAMPLE_KB * 2**10 if sample_bytes is None else sample_bytes
+    return max(int(workers * config.write.shard_size * per_sample), MIN_DATA_MEMORY_MB * 2**20)
 
 
-def build_dataset(units: list[Unit], config: PipelineConfig):
-    """The Ray Data plan: read + decode → model stages → filter, as pyarrow batches of SCHEMA rows."""
+def build_dataset(units: list[Unit], config: PipelineConfig, sample_bytes: float | None = None):
+    """The Ray Data plan: read + decode → model stages → filter, as pyarrow batches of SCHEMA rows; blocks
+    waiting between operators held to `data_memory_budget(config, sample_bytes)`."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -304,7 +338,7 @@ def build_dataset(units: list[Unit], config: PipelineConfig):
     # Ray Data's default budget is half the object store; blocks then pile up ahead of the slowest stage
     # for as long as the input lasts (benchmarks/memory.py)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=data_memory_budget(config)
+        object_store_memory=data_memory_budget(config, sample_bytes)
     )
     config_json = config.model_dump_json()
     ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(len(units), 1))
@@ -477,7 +511,17 @@ def run(
     if todo:
         # before Ray starts its threads in this process: glibc caps only the arenas still to be made
         log.info("the driver's memory allocator: %s", driver_malloc(config.ray.driver_malloc_arenas, apply=True))
-        _ray_init(config, ray_address, allocator)
+        # the default budget for waiting blocks is sized from a few samples of the input, read and decoded in
+        # a thread while Ray starts (its start leaves the cores mostly idle; Pillow and zlib release the GIL)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="granucap-sizing") as sizing:
+            sized = sizing.submit(measure_sample_bytes, todo, config) if config.ray.data_memory_mb is None else None
+            _ray_init(config, ray_address, allocator)
+            sample_bytes = sized.result() if sized else None
+        if sized:
+            log.info("blocks waiting between operators: at most %d MiB (%s a decoded sample)",
+                     data_memory_budget(config, sample_bytes) // 2**20,
+                     f"{sample_bytes / 2**10:.1f} KB, the mean of the first {SIZE_SAMPLES}" if sample_bytes
+                     else f"{DECODED_SAMPLE_KB} KB, taken")
         _check_actor_cpus(config)
         writer = ShardWriter(
             output, expected={u.index: u.stop - u.start for u in todo}, seen_keys=completed_keys(output, sorted(done))
@@ -487,7 +531,7 @@ def run(
             if len(segments) > 1:
                 log.info("Ray Dataset %d of %d: units %d..%d, %d samples", n, len(segments), segment[0].index,
                          segment[-1].index, sum(u.size for u in segment))
-            ds = build_dataset(segment, config)
+            ds = build_dataset(segment, config, sample_bytes)
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 records = from_table(table)
                 writer(records)

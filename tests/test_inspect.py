@@ -97,7 +97,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(demo_input, tmp_path, monkey
     assert main(argv) == 0
     out = capsys.readouterr().out
     for text in ("decode", "recaption", "tiny:llava", "actor pool", "ground", "filter", "dry run: nothing was started",
-                 "waiting blocks MiB", "Ray workers' memory allocator: ", "the driver's memory allocator: "):
+                 "waiting blocks MiB", "KB a sample", "Ray workers' memory allocator: ", "the driver's memory allocator: "):
         assert text in out
     assert not out_dir.exists()  # nothing written either
     # an allocator that is not installed: the plan says `run` would refuse it, and still starts nothing
@@ -110,6 +110,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(demo_input, tmp_path, monkey
 def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     from engine.config import load_config
     from engine.io.readers import plan_units
+    from engine.runner import measure_sample_bytes
 
     config = load_config("pipelines/smoke.yaml", ["write.shard_size=4"])
     units = plan_units([str(demo_input)], shard_size=4)
@@ -123,6 +124,12 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     split = config.model_copy(update={"ray": config.ray.model_copy(update={"max_samples_per_dataset": 4})})
     assert plan_summary(split, [str(demo_input)], out)["ray_datasets"] == 3  # units 0, 2, 3 (sizes 4, 4, 2)
     assert plan["data_memory_mb"] == 64  # 3 workers x 4 samples: the floor
+    # sized from the first samples still to do (units 0, 2, 3), as `run` sizes it
+    todo = [u for u in units if u.index != 1]
+    assert plan["sample_kb"] == round(measure_sample_bytes(todo, config) / 2**10, 1) > 1
+    fixed = config.model_copy(update={"ray": config.ray.model_copy(update={"data_memory_mb": 100})})
+    assert (plan_summary(fixed, [str(demo_input)], out)["sample_kb"], plan_summary(fixed, [str(demo_input)], out)[
+        "data_memory_mb"]) == (None, 100)
     cluster = plan_summary(config, [str(demo_input)], out, ray_address="10.0.0.1:6379")
     assert cluster["ray_address"] == "10.0.0.1:6379" and cluster["worker_allocator"].startswith("system allocator")
     assert [s["stage"] for s in plan["stages"]] == ["decode", "recaption", "extract", "ground", "filter"]

@@ -96,6 +96,81 @@ def test_data_memory_budget_is_one_decoded_unit_per_worker_unless_set():
     assert data_memory_budget(load_config("pipelines/glip.yaml", ["ray.data_memory_mb=300"])) == 300 * 2**20
 
 
+def test_a_measured_sample_size_replaces_the_guess_in_the_budget_and_the_setting_still_wins():
+    from engine.runner import data_memory_budget
+
+    glip = load_config("pipelines/glip.yaml", [])  # 7 workers, units of 1000
+    assert data_memory_budget(glip, 50_000) == 7 * 1000 * 50_000
+    assert data_memory_budget(glip, 20_000) < data_memory_budget(glip, 50_000)
+    assert data_memory_budget(glip, 1_000) == 64 * 2**20  # 7 MB: the floor
+    assert data_memory_budget(load_config("pipelines/glip.yaml", ["ray.data_memory_mb=300"]), 50_000) == 300 * 2**20
+
+
+def test_input_sized_as_the_read_tasks_hand_it_on(demo_input):
+    import pyarrow as pa
+    from dataclasses import asdict
+
+    from engine.runner import _read_units, measure_sample_bytes, operators
+
+    config = load_config("pipelines/smoke.yaml", GLIP)
+    units = plan_units([str(demo_input)], shard_size=4)
+    assert [u.size for u in units] == [4, 2, 4, 2]
+    # every block the read task function yields for the whole input (12 samples, fewer than the 32 sampled, so
+    # the measurement reads on through all four units)
+    blocks = list(_read_units(pa.Table.from_pylist([asdict(u) for u in units]), names=operators(config)[0],
+                              config_json=config.model_dump_json()))
+    passed = pa.concat_tables(blocks).filter(pa.compute.equal(pa.concat_tables(blocks)["status"], "ok"))
+    assert 0 < passed.num_rows < 12  # the demo holds broken samples: they are left out of the mean
+    measured = measure_sample_bytes(units, config)
+    assert measured == pytest.approx(passed.nbytes / passed.num_rows, rel=0.02)
+    # decode's output is what is measured, not the input's bytes: smaller images re-encoded, smaller samples
+    small = measure_sample_bytes(units, load_config("pipelines/smoke.yaml", GLIP + ["stages.decode.max_side=32"]))
+    assert small < measured / 4
+    assert measure_sample_bytes(units, config, samples=3) > 0
+
+
+def test_input_that_cannot_be_read_is_sized_from_its_rejected_rows_or_not_at_all(demo_input, tmp_path, monkeypatch,
+                                                                                  caplog):
+    import shutil
+
+    from engine import runner
+
+    for tar in demo_input.glob("*.tar"):
+        shutil.copy(tar, tmp_path)
+    units = plan_units([str(tmp_path)], shard_size=4)
+    for tar in tmp_path.glob("*.tar"):
+        tar.unlink()
+    config = load_config("pipelines/smoke.yaml", GLIP)
+    # the files went missing: every sample becomes a rejected row (the reader never loses one), and those are
+    # what the blocks would hold: a few hundred bytes each, no image
+    assert 0 < runner.measure_sample_bytes(units, config) < 1024
+    # reading itself fails: no size, a warning, and the budget takes DECODED_SAMPLE_KB
+    def broken(unit):
+        raise OSError("the disk went away")
+        yield
+
+    monkeypatch.setattr(runner, "read_unit", broken)
+    with caplog.at_level("WARNING", logger="engine.runner"):
+        assert runner.measure_sample_bytes(plan_units([str(demo_input)], shard_size=4), config) is None
+    assert "could not size the input's decoded samples (OSError: the disk went away); taking 256 KB" in caplog.text
+    assert runner.data_memory_budget(config, None) == runner.data_memory_budget(config, runner.DECODED_SAMPLE_KB * 2**10)
+    assert runner.measure_sample_bytes([], config) is None
+
+
+def test_build_dataset_holds_waiting_blocks_to_the_budget_of_the_measured_size(ray_session, demo_input):
+    import ray.data
+
+    from engine.runner import data_memory_budget
+
+    config = load_config("pipelines/smoke.yaml", GLIP)
+    units = plan_units([str(demo_input)], shard_size=4)
+    budget = lambda: ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory  # noqa: E731
+    build_dataset(units, config, sample_bytes=10**7)  # 3 workers x 4 samples x 10 MB: above the floor
+    assert budget() == data_memory_budget(config, 10**7) == 12 * 10**7
+    build_dataset(units, load_config("pipelines/smoke.yaml", GLIP + ["ray.data_memory_mb=48"]), sample_bytes=10**7)
+    assert budget() == 48 * 2**20
+
+
 def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session, demo_input, model_cache, tmp_path,
                                                                      monkeypatch, caplog):
     import pyarrow.parquet as pq
@@ -103,18 +178,18 @@ def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session,
 
     from engine import runner
 
-    built, budgets = [], []
+    built, budgets, sizes = [], [], []
     real_build = runner.build_dataset
 
-    def spy(units, config):
+    def spy(units, config, sample_bytes=None):
         built.append([u.index for u in units])
-        dataset = real_build(units, config)
+        sizes.append(sample_bytes)
+        dataset = real_build(units, config, sample_bytes)
         budgets.append(ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory)
         return dataset
 
     monkeypatch.setattr(runner, "build_dataset", spy)
-    config = load_config("pipelines/smoke.yaml", GLIP + [f"cache_dir={model_cache}", "ray.max_samples_per_dataset=8",
-                                                         "ray.data_memory_mb=48"])
+    config = load_config("pipelines/smoke.yaml", GLIP + [f"cache_dir={model_cache}", "ray.max_samples_per_dataset=8"])
     with caplog.at_level("INFO", logger="engine.runner"):
         manifest = runner.run(config, inputs=[str(demo_input)], output=tmp_path)
     # the driver's malloc was set before the Datasets ran (ray.driver_malloc_arenas, default 1; with glibc:
@@ -123,7 +198,12 @@ def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session,
     units = plan_units([str(demo_input)], shard_size=4)
     assert [u.size for u in units] == [4, 2, 4, 2]  # two tars of 6
     assert built == [[0, 1], [2, 3]]  # at most 8 samples each: two Datasets, the second after the first ended
-    assert budgets == [48 * 2**20] * 2  # what Ray Data executes each of them under
+    # the input was sized once, from its first samples still to do, and every Dataset runs under that budget
+    measured = runner.measure_sample_bytes(units, config)
+    assert sizes == [measured] * 2
+    assert budgets == [runner.data_memory_budget(config, measured)] * 2  # what Ray Data executes them under
+    assert (f"blocks waiting between operators: at most {budgets[0] // 2**20} MiB ({measured / 2**10:.1f} KB, "
+            "the mean of the first 32") in caplog.text
     assert manifest["counts"]["read"] == 12 and manifest["units"] == {"planned": 4, "complete": 4}
     rows = pq.read_table(tmp_path / "index").to_pylist()
     assert sorted((r["unit"], r["position"]) for r in rows) == [(u.index, p) for u in units for p in range(u.size)]

@@ -75,6 +75,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(plan: dict) -> str:
+    """The waiting-blocks budget, with the decoded sample size it was sized from when measured."""
+    if plan["sample_kb"] is None:
+        return str(plan["data_memory_mb"])
+    return f"{plan['data_memory_mb']} ({plan['sample_kb']:g} KB a sample)"
+
+
 def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None = None, as_json: bool = False) -> int:
     """Print what `granucap run` would do; used by `granucap run --dry-run`."""
     from engine.inspect import plan_summary
@@ -98,7 +105,7 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
             ["samples", "units (shards)", "shard size", "complete", "to do", "ray datasets", "waiting blocks MiB",
              "ray"],
             [[plan["samples"], plan["units"], plan["shard_size"], len(plan["complete"]), plan["todo"],
-              plan["ray_datasets"], plan["data_memory_mb"], plan["ray_address"] or "embedded"]],
+              plan["ray_datasets"], _budget(plan), plan["ray_address"] or "embedded"]],
         )
     )
     out.print(f"Ray workers' memory allocator: {plan['worker_allocator']}", markup=False,
