@@ -292,7 +292,7 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
     todo = [u for u in units if u.index not in done] if same_plan is not False else units
     address = ray_address or config.ray.address
     # as `run` sizes its default budget: the first samples still to do, read and decoded (a fraction of a second)
-    sample_bytes = measure_sample_bytes(todo, config) if config.ray.data_memory_mb is None and todo else None
+    sample_bytes = measure_sample_bytes(todo, config) if config.ray.data_memory_mb is None else None
     try:
         allocator = worker_allocator(config, address).why
     except RunError as exc:  # `run` would refuse to start
