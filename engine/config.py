@@ -201,9 +201,10 @@ class RaySpec(_Strict):
     # Object store memory that blocks waiting between operators may hold (Ray Data's budget for the run): it
     # bounds how far reading and decoding run ahead of the model stages, so memory stops growing with the
     # input early (at Ray's own default, half the object store, the read tasks had decoded all of a
-    # 10,000-sample input when the model stages had done fewer than 2,000). None: one decoded unit per
-    # worker, a unit's `write.shard_size` samples at the mean size of the input's first samples as decoded
-    # (runner.measure_sample_bytes; DECODED_SAMPLE_KB when they cannot be read; runner.data_memory_budget). Ray
+    # 10,000-sample input when the model stages had done fewer than 2,000). None: 8 decoded units per worker
+    # (runner.UNITS_PER_WORKER), a unit's `write.shard_size` samples at the mean size of the input's first
+    # samples as decoded (runner.measure_sample_bytes; DECODED_SAMPLE_KB when they cannot be read;
+    # runner.data_memory_budget). Ray
     # still lets each operator run a task when the budget is spent, and never goes beyond its own default.
     data_memory_mb: int | None = Field(None, ge=16)
     # The memory allocator Ray's worker processes (the stages' tasks and actors) run with (engine/allocator.py):

@@ -10,18 +10,21 @@ the raw image bytes never go through the object store, and one pool of task work
 CPU stage right after a model stage (filter after ground) runs inside that stage's actors. Every operator
 kept is another worker process (≈ 250 MB with Ray Data loaded) alive next to the others for the whole run.
 
-Ray starts embedded on this machine unless an address is given. Output order is preserved so that units
-complete one after another and the driver holds at most a few units' rows at a time. The units run as
-consecutive Datasets of at most `ray.max_samples_per_dataset` samples, because Ray Data keeps statistics of
-every block it produced in the driver until the Dataset ends.
+Ray starts embedded on this machine unless an address is given, and an embedded session stops when the process
+exits (`_stop_embedded_ray`). Output order is preserved so that units complete one after another and the
+driver holds at most a few units' rows at a time. The units run as consecutive Datasets of at most
+`ray.max_samples_per_dataset` samples, because Ray Data keeps statistics of every block it produced in the
+driver until the Dataset ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import platform
+import subprocess
 import time
 import warnings
 from collections import Counter
@@ -236,6 +239,34 @@ def _ray_init(config: PipelineConfig, address: str | None, allocator: WorkerAllo
             _system_config={"prestart_worker_first_driver": False},
             **kwargs,
         )
+        # registered after Ray's own exit hook (made when ray is imported), so it runs first
+        atexit.unregister(_stop_embedded_ray)
+        atexit.register(_stop_embedded_ray)
+
+
+def _stop_embedded_ray() -> None:
+    """Stop the Ray session this process started, as Ray's exit hook does, without its wait on the autoscaler
+    monitor: `ray.shutdown` stops the GCS before the monitor, whose SIGTERM handler then blocks reporting its
+    end to the stopped GCS until Ray's one-second grace runs out and it is killed anyway (a second of every
+    run). A local session's monitor keeps no state, so it is killed first; the rest is `ray.shutdown`, with the
+    half second Ray's exit hook leaves the workers' last log lines to reach the driver."""
+    import ray
+    from ray._private import worker
+
+    if not ray.is_initialized():
+        return
+    node = getattr(worker, "_global_node", None)
+    try:
+        monitors = [info.process for info in node.all_processes.get("monitor", [])] if node else []
+    except AttributeError:  # another Ray's internals: let its shutdown do it all
+        monitors = []
+    for process in monitors:
+        process.kill()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # Ray's shutdown reaps it or logs it
+            pass
+    ray.shutdown(_exiting_interpreter=True)
 
 
 def _check_actor_cpus(config: PipelineConfig) -> None:
@@ -280,6 +311,11 @@ def dataset_segments(units: list[Unit], max_samples: int | None) -> list[list[Un
 # (measure_sample_bytes): a high-quality JPEG of about one megapixel.
 DECODED_SAMPLE_KB = 256
 MIN_DATA_MEMORY_MB = 64
+# Decoded units of budget for each worker. Ray Data splits the budget evenly between its operators and counts
+# the blocks a task is still producing and, with ordered output, finished blocks waiting behind an earlier
+# one; at one unit a worker that left the teacher actors idle: 10,000 samples in units of 250 (≈ 5 MB), 4
+# workers, ran 187 s at 64 MiB and 176 s at 90 MiB against 133 s at 128 MiB and 128 s at 320 MiB.
+UNITS_PER_WORKER = 8
 # How many samples the driver reads and decodes to size the default budget (measure_sample_bytes)
 SIZE_SAMPLES = 32
 
@@ -314,9 +350,10 @@ def measure_sample_bytes(units: list[Unit], config: PipelineConfig, samples: int
 
 def data_memory_budget(config: PipelineConfig, sample_bytes: float | None = None) -> int:
     """Bytes of Ray's object store the run's blocks may hold between operators: `ray.data_memory_mb`, or by
-    default one decoded unit for every worker (the read tasks and every model stage's actors), so each of them
-    can have its next block ready and no more; a unit is `write.shard_size` samples of `sample_bytes` each
-    (measure_sample_bytes; None: DECODED_SAMPLE_KB); at least MIN_DATA_MEMORY_MB."""
+    default UNITS_PER_WORKER decoded units for every worker (the read tasks and every model stage's actors):
+    enough that no worker waits for a block while the read tasks cannot run far ahead of the teacher; a unit
+    is `write.shard_size` samples of `sample_bytes` each (measure_sample_bytes; None: DECODED_SAMPLE_KB); at
+    least MIN_DATA_MEMORY_MB."""
     if config.ray.data_memory_mb is not None:
         return config.ray.data_memory_mb * 2**20
     _, *model_groups = operators(config)
@@ -324,7 +361,8 @@ def data_memory_budget(config: PipelineConfig, sample_bytes: float | None = None
         getattr(config.stages, names[0]).resources.concurrency for names in model_groups
     )
     per_sample = DECODED_SAMPLE_KB * 2**10 if sample_bytes is None else sample_bytes
-    return max(int(workers * config.write.shard_size * per_sample), MIN_DATA_MEMORY_MB * 2**20)
+    unit = config.write.shard_size * per_sample
+    return max(int(workers * UNITS_PER_WORKER * unit), MIN_DATA_MEMORY_MB * 2**20)
 
 
 def build_dataset(units: list[Unit], config: PipelineConfig, sample_bytes: float | None = None):
@@ -344,23 +382,25 @@ def build_dataset(units: list[Unit], config: PipelineConfig, sample_bytes: float
     ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(len(units), 1))
     first, *rest = operators(config)
     reading: Resources = config.stages.decode.resources
-    ds = ds.map_batches(
-        _read_units,
-        fn_kwargs={"names": first, "config_json": config_json},
-        batch_size=1,  # one unit per task; the task batches its rows itself
-        batch_format="pyarrow",
-        num_cpus=reading.num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=reading.concurrency),
-        # Ray Data's default for tasks (retry forever on system failures), spelled out: Ray fuses only map
-        # operators with equal remote args, and fused into a later operator the unit rows would be bundled
-        # to its batch_size (one task reading many whole units before anything moves on).
-        max_retries=-1,
-    )
-    for names in rest:  # each an actor pool: a model stage and the CPU stages joined to it
-        res: Resources = getattr(config.stages, names[0]).resources
-        with warnings.catch_warnings():
-            # Ray 2.60 has no named parameter for actor restarts yet; the defaults (-1) retry forever.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameters for task retries and actor restarts yet; passed on as remote args
+        # they warn on every plan
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        ds = ds.map_batches(
+            _read_units,
+            fn_kwargs={"names": first, "config_json": config_json},
+            batch_size=1,  # one unit per task; the task batches its rows itself
+            batch_format="pyarrow",
+            num_cpus=reading.num_cpus,
+            compute=ray.data.TaskPoolStrategy(size=reading.concurrency),
+            # Ray Data's default for tasks (retry forever on system failures), spelled out: Ray fuses only map
+            # operators with equal remote args, and fused into a later operator the unit rows would be bundled
+            # to its batch_size (one task reading many whole units before anything moves on).
+            max_retries=-1,
+        )
+        for names in rest:  # each an actor pool: a model stage and the CPU stages joined to it
+            res: Resources = getattr(config.stages, names[0]).resources
+            # the defaults of max_restarts / max_task_retries (-1) would retry forever
             ds = ds.map_batches(
                 _StageActor,
                 fn_constructor_kwargs={"names": names, "config_json": config_json},

@@ -123,7 +123,7 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     assert plan["same_plan_as_output"] is True and plan["ray_datasets"] == 1
     split = config.model_copy(update={"ray": config.ray.model_copy(update={"max_samples_per_dataset": 4})})
     assert plan_summary(split, [str(demo_input)], out)["ray_datasets"] == 3  # units 0, 2, 3 (sizes 4, 4, 2)
-    assert plan["data_memory_mb"] == 64  # 3 workers x 4 samples: the floor
+    assert plan["data_memory_mb"] == 64  # 3 workers x 8 units of 4 samples: the floor
     # sized from the first samples still to do (units 0, 2, 3), as `run` sizes it
     todo = [u for u in units if u.index != 1]
     assert plan["sample_kb"] == round(measure_sample_bytes(todo, config) / 2**10, 1) > 1
