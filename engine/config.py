@@ -204,8 +204,8 @@ class RaySpec(_Strict):
     # 10,000-sample input when the model stages had done fewer than 2,000). None: 8 decoded units per worker
     # (runner.UNITS_PER_WORKER), a unit's `write.shard_size` samples at the mean size of the input's first
     # samples as decoded (runner.measure_sample_bytes; DECODED_SAMPLE_KB when they cannot be read;
-    # runner.data_memory_budget). Ray
-    # still lets each operator run a task when the budget is spent, and never goes beyond its own default.
+    # runner.data_memory_budget). Ray still lets each operator run a task when the budget is spent, and never
+    # goes beyond its own default.
     data_memory_mb: int | None = Field(None, ge=16)
     # The memory allocator Ray's worker processes (the stages' tasks and actors) run with (engine/allocator.py):
     # auto = tcmalloc when installed (apt package libtcmalloc-minimal4; install.sh installs it), else the

@@ -252,15 +252,13 @@ def _stop_embedded_ray() -> None:
     half second Ray's exit hook leaves the workers' last log lines to reach the driver."""
     import ray
     from ray._private import worker
+    from ray._private.ray_constants import PROCESS_TYPE_MONITOR
 
     if not ray.is_initialized():
         return
-    node = getattr(worker, "_global_node", None)
-    try:
-        monitors = [info.process for info in node.all_processes.get("monitor", [])] if node else []
-    except AttributeError:  # another Ray's internals: let its shutdown do it all
-        monitors = []
-    for process in monitors:
+    # no node, or another Ray's internals: its shutdown does it all
+    started = getattr(getattr(worker, "_global_node", None), "all_processes", {})
+    for process in [info.process for info in started.get(PROCESS_TYPE_MONITOR, [])]:
         process.kill()
         try:
             process.wait(timeout=5)
