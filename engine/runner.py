@@ -212,6 +212,19 @@ def worker_allocator(config: PipelineConfig, address: str | None = None) -> Work
         raise RunError(str(exc)) from None
 
 
+# Ray settings for a session the run starts itself (a joined cluster keeps its own):
+EMBEDDED_SYSTEM_CONFIG = {
+    # Ray prestarts workers for a new driver without its runtime environment; ours has one (the workers'
+    # env), so those workers never ran anything: two idle processes of ≈ 78 MiB for the whole run
+    "prestart_worker_first_driver": False,
+    # The raylet connects to its own object store's socket as it starts, often before the store listens; a
+    # failed connect waits this long before the next try (Ray's default 1000 ms: one run start in two lost a
+    # whole second). The attempts rise with it, so the raylet and workers still wait 10 s in all.
+    "raylet_client_connect_timeout_milliseconds": 100,
+    "raylet_client_num_connect_attempts": 100,
+}
+
+
 def _ray_init(config: PipelineConfig, address: str | None, allocator: WorkerAllocator) -> None:
     """Start Ray embedded (or join `address`) with the workers' environment: granucap's and the model
     libraries' variables, quiet model loading, and `allocator` (from `worker_allocator`). A session already
@@ -234,9 +247,7 @@ def _ray_init(config: PipelineConfig, address: str | None, allocator: WorkerAllo
             num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 2),
             object_store_memory=(config.ray.object_store_mb * 2**20) if config.ray.object_store_mb else None,
             include_dashboard=False,
-            # Ray prestarts workers for a new driver without its runtime environment; ours has one (the env
-            # above), so those workers never ran anything: two idle processes of ≈ 78 MiB for the whole run
-            _system_config={"prestart_worker_first_driver": False},
+            _system_config=dict(EMBEDDED_SYSTEM_CONFIG),
             **kwargs,
         )
         # registered after Ray's own exit hook (made when ray is imported), so it runs first

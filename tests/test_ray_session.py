@@ -1,5 +1,5 @@
-"""How a run ends the Ray session it started (engine/runner.py `_ray_init`, `_stop_embedded_ray`), in fresh
-Python processes: what happens at interpreter exit is the behaviour under test."""
+"""How a run starts and ends the Ray session it started (engine/runner.py `_ray_init`, `_stop_embedded_ray`), in
+fresh Python processes: what happens at interpreter exit is the behaviour under test."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 GLIP = ["stages.recaption.backend=passthrough", "stages.extract.backend=nltk"]
 ROOT = Path(__file__).resolve().parents[1]
 
 # Starts Ray as a run does (embedded, or joined to ADDRESS), runs a task, and at exit (this hook is registered
 # first, so it runs last) writes what the session's processes looked like when `ray.shutdown` began and after.
 DRIVER = """
-import atexit, json, sys
+import atexit, base64, json, sys
 import ray
 from ray._private import worker
 from engine.config import load_config
@@ -30,6 +32,10 @@ assert ray.get(ray.remote(lambda: 1).remote()) == 1
 node = worker._global_node
 processes = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
 seen["pids"] = {kind: [p.pid for p in ps] for kind, ps in processes.items()}
+for gcs in processes.get("gcs_server", []):  # the settings the GCS holds for the raylet and the workers
+    args = open(f"/proc/{gcs.pid}/cmdline").read().split("\\0")
+    encoded = next(a for a in args if a.startswith("--config_list="))
+    seen["system_config"] = json.loads(base64.b64decode(encoded.split("=", 1)[1]))
 shutdown = ray.shutdown
 
 def watched_shutdown(*args, **kwargs):
@@ -50,8 +56,14 @@ def _driver(tmp_path: Path, *address: str) -> tuple[dict, str]:
     return json.loads(report.read_text()), proc.stderr
 
 
-def test_an_embedded_session_stops_at_exit_with_the_autoscaler_monitor_killed_first(tmp_path):
-    seen, stderr = _driver(tmp_path)
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> tuple[dict, str]:
+    """One run of the driver with a session of its own."""
+    return _driver(tmp_path_factory.mktemp("embedded"))
+
+
+def test_an_embedded_session_stops_at_exit_with_the_autoscaler_monitor_killed_first(embedded):
+    seen, stderr = embedded
     # The monitor is gone (killed: -9) before Ray's shutdown starts, while the GCS it would report to is up;
     # stopped by Ray after the GCS instead, it hangs in its SIGTERM handler until killed a second later.
     assert seen["at_shutdown"]["monitor"] == [-9]
@@ -60,6 +72,16 @@ def test_an_embedded_session_stops_at_exit_with_the_autoscaler_monitor_killed_fi
     assert all(code is not None for codes in seen["after"].values() for code in codes), seen["after"]
     assert seen["initialized_after"] is False
     assert "autoscaler failed" not in stderr  # a monitor killed this way reports nothing to the driver
+
+
+def test_an_embedded_raylet_retries_its_start_up_connects_every_100_ms_for_as_long_as_rays_default(embedded):
+    config = embedded[0]["system_config"]
+    # Ray's default waits a whole second after a failed connect to the object store's socket, which the
+    # raylet often tries before the store listens: one run start in two lost that second
+    assert config["raylet_client_connect_timeout_milliseconds"] == 100
+    # the raylet and the workers still give up only after Ray's default 10 attempts x 1000 ms
+    assert config["raylet_client_num_connect_attempts"] * 100 == 10 * 1000
+    assert config["prestart_worker_first_driver"] is False
 
 
 def test_a_driver_joined_to_a_cluster_leaves_the_clusters_processes_alone(tmp_path):
