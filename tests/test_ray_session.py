@@ -1,5 +1,5 @@
 """How a run starts and ends the Ray session it started (engine/runner.py `_ray_init`, `_stop_embedded_ray`), in
-fresh Python processes: what happens at interpreter exit is the behaviour under test."""
+fresh Python processes: the settings the session starts with, and what happens at interpreter exit."""
 
 from __future__ import annotations
 
