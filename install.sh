@@ -37,9 +37,10 @@ if [ "${GRANUCAP_TORCH:-}" != "skip" ]; then
   fi
 fi
 
-# 3. the package, editable, with test extras; the POS tagger model ships in textblob-aptagger (data only)
-say "pip install -e .[test]"
-"$PY" -m pip install -q -e ".[test]"
+# 3. the package, editable, with the object-store filesystems and test extras (moto's S3 server for the tests);
+#    the POS tagger model ships in textblob-aptagger (data only)
+say "pip install -e .[cloud,test]"
+"$PY" -m pip install -q -e ".[cloud,test]"
 "$PY" -m pip install -q --no-deps "textblob-aptagger==0.2.0"
 
 # 4. NLTK data (WordNet from the apt packages, the tagger converted to NLTK's JSON format)

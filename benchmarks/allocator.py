@@ -38,7 +38,8 @@ def measure(inp: Path, cache: Path, samples: int, batch: int, every: int) -> dic
     import torch
 
     from engine.config import load_config
-    from engine.io.readers import plan_units, read_unit
+    from engine.io.plan import plan_units
+    from engine.io.readers import read_unit
     from engine.runner import build_stage
 
     torch.set_num_threads(1)

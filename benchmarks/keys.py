@@ -13,7 +13,7 @@ import gc
 import time
 import tracemalloc
 
-from engine.stages.write import KeyRegistry
+from engine.io.shards import KeyRegistry
 
 
 def unit_keys(unit: int, size: int) -> list[str]:

@@ -29,7 +29,8 @@ def make_records(samples: int, tmp: Path) -> list:
     """Decoded records of the demo dump (images resized by the decode stage, raw captions)."""
     from engine.config import DecodeSpec
     from engine.demo import write_demo_input
-    from engine.io.readers import plan_units, read_unit
+    from engine.io.plan import plan_units
+    from engine.io.readers import read_unit
     from engine.stages.decode import Decode
 
     write_demo_input(tmp / "in", samples=samples, per_tar=max(samples, 1), seed=0)

@@ -26,7 +26,8 @@ from _session import ROOT, allocator_line, run_cli
 
 def stage_compute_seconds(inp: Path, overrides: list[str], batch: int) -> dict[str, float]:
     from engine.config import load_config
-    from engine.io.readers import plan_units, read_unit
+    from engine.io.plan import plan_units
+    from engine.io.readers import read_unit
     from engine.runner import build_stage, stage_names, uses_model
 
     import torch

@@ -3,11 +3,15 @@
 A box is named by its entity's category or phrase (DetCLIPv3 trains on both); the prompt holds the sample's
 positive concepts plus negative concepts drawn from the corpus' concept dictionary (DetCLIPv2, T-Rex2),
 capped to the text encoder's token limit, in shuffled order.
+
+The run is a local folder or a URI of any fsspec filesystem (engine/io/storage.py); only its complete units
+are read (`engine.io.shards.complete_unit_ids`: their marker exists).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -21,9 +25,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from engine.io.shards import open_run
+from engine.io.shards import complete_unit_ids, read_shard, shard_files
+from engine.io.storage import Location
+
 logger = logging.getLogger(__name__)
 
-_SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
 # Characters that Grounding DINO treats as phrase delimiters ("." 1012, "?" 1029) or that could spell a
 # special token ("[SEP]"); inside a concept they would split it into several label groups.
 _UNSAFE = re.compile(r"[.?\[\]]")
@@ -37,21 +44,6 @@ class Sample(NamedTuple):
     concepts: list[str]  # per box: the entity's category (its phrase when the category is empty)
     phrases: list[str]  # per box: the entity's phrase (its category when the phrase is empty)
     key: str
-
-
-def complete_shards(run_dir: str | Path) -> list[Path]:
-    """The finished shards of a run: `shards/{n:06d}.tar` whose `{n:06d}.stats.json` marker exists."""
-    shard_dir = Path(run_dir) / "shards"
-    shards = []
-    for path in sorted(shard_dir.glob("*.tar")):
-        match = _SHARD_NAME.match(path.name)
-        if match is None:  # temp names of shards being written, anything foreign
-            continue
-        if not (shard_dir / f"{match.group(1)}.stats.json").exists():
-            logger.info("skipping %s: no stats marker, shard is not complete", path.name)
-            continue
-        shards.append(path)
-    return shards
 
 
 def normalize_concept(text: str) -> str:
@@ -84,28 +76,26 @@ def record_to_sample(*, image: Image.Image, record: dict[str, Any]) -> Sample:
     return Sample(image=image, boxes=tensor, concepts=concepts, phrases=phrases, key=str(record.get("key")))
 
 
-def iter_shard_samples(run_dir: str | Path, *, shuffle_buffer: int = 0, seed: int = 0, rank: int = 0,
+def iter_shard_samples(run: str | Path | Location, *, shuffle_buffer: int = 0, seed: int = 0, rank: int = 0,
                        world_size: int = 1) -> Iterator[Sample]:
-    """Stream the samples of a run's complete shards with webdataset, one at a time (nothing is preloaded).
+    """Stream the samples of a run's complete units with webdataset, one at a time (nothing is preloaded).
 
     Shards and samples are shuffled when asked (same seed, same order). With `world_size` > 1 this worker
     keeps every `world_size`-th sample from position `rank`: every worker reads the same seeded stream, so
     the split is disjoint and complete even when there are fewer shards than workers.
     """
-    shards = complete_shards(run_dir)
-    if not shards:
-        logger.warning("no complete shards under %s", Path(run_dir) / "shards")
+    location = open_run(run)
+    units = complete_unit_ids(location)
+    if not units:
+        logger.warning("no complete shards under %s", location.uri_of("shards"))
         return
-    urls = [str(path) for path in shards]
     if shuffle_buffer > 0:
-        random.Random(seed).shuffle(urls)
-    # the rank split is ours (below); webdataset's own node/worker splitters must not split again
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_every_shard, workersplitter=_every_shard,
-                             empty_check=False)
+        random.Random(seed).shuffle(units)
+    items: Iterator[dict[str, Any]] = itertools.chain.from_iterable(read_shard(location, unit) for unit in units)
     if shuffle_buffer > 0:
-        dataset = dataset.shuffle(shuffle_buffer, rng=random.Random(seed))
+        items = wds.shuffle(shuffle_buffer, rng=random.Random(seed))(items)
     position = -1
-    for item in dataset:
+    for item in items:
         position += 1
         if position % world_size != rank:
             continue
@@ -125,11 +115,6 @@ def iter_shard_samples(run_dir: str | Path, *, shuffle_buffer: int = 0, seed: in
         yield record_to_sample(image=image, record=record)
 
 
-def _every_shard(urls: Iterator[Any]) -> Iterator[Any]:
-    """A webdataset splitter that keeps every shard: the split by rank happens per sample."""
-    yield from urls
-
-
 class ConceptDictionary:
     """The corpus' concepts (entity phrases and categories of ok samples) with their counts, read from the
     run's parquet index. Negative concepts for a sample are drawn from it (DetCLIPv2, T-Rex2)."""
@@ -144,16 +129,16 @@ class ConceptDictionary:
         return len(self.concepts)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> "ConceptDictionary":
-        """Count phrases and categories of the entities of ok samples in `RUN/index/*.parquet`."""
+    def from_run(cls, run: str | Path | Location) -> "ConceptDictionary":
+        """Count phrases and categories of the entities of ok samples in the complete units' index parts."""
         import pyarrow.parquet as pq
 
+        location = open_run(run)
         counts: Counter[str] = Counter()
-        files = sorted((Path(run_dir) / "index").glob("*.parquet"))
-        for path in files:
-            if ".tmp-" in path.name:
-                continue
-            table = pq.read_table(path, columns=["status", "entities"])
+        units = complete_unit_ids(location)
+        for unit in units:
+            with location.open(shard_files(unit)[1]) as f:
+                table = pq.read_table(f, columns=["status", "entities"])
             for status, entities in zip(table.column("status").to_pylist(), table.column("entities").to_pylist()):
                 if status != "ok":
                     continue
@@ -162,7 +147,7 @@ class ConceptDictionary:
                         text = normalize_concept((entity or {}).get(field) or "")
                         if text:
                             counts[text] += 1
-        logger.info("concept dictionary: %d concepts from %d index files", len(counts), len(files))
+        logger.info("concept dictionary: %d concepts from %d index files", len(counts), len(units))
         return cls(dict(counts))
 
     def sample(self, k: int, *, exclude: set[str], rng: random.Random) -> list[str]:

@@ -4,7 +4,8 @@ Any Grounding DINO loads (a student checkpoint dir, the teacher's hub id, tiny:N
 student are scored by the same code. Per image and category the score is the best token probability
 inside that category's phrase of the prompt; the top `max_dets` (query, category) pairs are kept
 (GLIP / DETR-style evaluation, no score threshold). Categories are split over several prompts when they
-do not fit the text encoder's limit. AP comes from faster-coco-eval, else pycocotools.
+do not fit the text encoder's limit. AP comes from faster-coco-eval, else pycocotools. The annotations and
+the images may be local or at URIs of any fsspec filesystem (engine/io/storage.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 from PIL import Image
 
 from detector.data import build_prompt, normalize_concept
+from engine.io.storage import Location, StorageError, basename, describe, is_remote, parent
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,30 @@ def _coco_api() -> tuple[Any, Any]:
         from pycocotools.cocoeval import COCOeval
 
         return COCO, COCOeval
+
+
+def _read(location: Location, rel: str) -> bytes:
+    """The file's bytes; storage that does not answer is a one-line StorageError (a missing file stays a
+    FileNotFoundError)."""
+    try:
+        return location.read_bytes(rel)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # botocore, gcsfs, adlfs each have their own exception trees
+        raise StorageError(describe(exc, location.uri_of(rel), "read")) from None
+
+
+def load_coco(coco: str | Path) -> Any:
+    """The COCO ground truth at a path or a URI."""
+    COCO, _ = _coco_api()
+    text = os.fspath(coco)
+    with contextlib.redirect_stdout(io.StringIO()):  # the COCO API prints its progress
+        if not is_remote(text):
+            return COCO(text)
+        gt = COCO()
+        gt.dataset = json.loads(_read(Location(parent(text)), basename(text)))
+        gt.createIndex()
+    return gt
 
 
 def category_prompts(names: list[str], tokenizer: Any, max_text_len: int) -> list[list[int]]:
@@ -94,16 +121,15 @@ def predict(model: Any, processor: Any, images: list[Image.Image], names: list[s
 
 def evaluate(*, model: str, coco: str | Path, images: str | Path, batch_size: int = 4, max_dets: int = 100,
              cache_dir: str | None = None, device: str = "auto", limit: int | None = None) -> dict[str, Any]:
-    """Box AP of `model` on the COCO annotations `coco` with images under `images`."""
+    """Box AP of `model` on the COCO annotations `coco` with images under `images` (paths or URIs)."""
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
     from detector.model import resolve
     from engine.models.loading import pick_device
 
     started = time.perf_counter()
-    COCO, COCOeval = _coco_api()
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(coco))
+    gt = load_coco(coco)
+    image_root = Location(images)
     categories = sorted(gt.loadCats(gt.getCatIds()), key=lambda c: c["id"])
     names = [normalize_concept(c["name"]) for c in categories]
     image_ids = sorted(gt.getImgIds())[:limit]
@@ -116,7 +142,7 @@ def evaluate(*, model: str, coco: str | Path, images: str | Path, batch_size: in
     for start in range(0, len(image_ids), batch_size):
         ids = image_ids[start:start + batch_size]
         infos = gt.loadImgs(ids)
-        batch = [Image.open(Path(images) / info["file_name"]).convert("RGB") for info in infos]
+        batch = [Image.open(io.BytesIO(_read(image_root, info["file_name"]))).convert("RGB") for info in infos]
         found = predict(net, processor, batch, names, max_dets=max_dets, max_text_len=max_text_len, device=dev)
         for image_id, dets in zip(ids, found):
             for category, score, (x0, y0, x1, y1) in dets:

@@ -56,7 +56,7 @@ def _entity(name: str) -> dict[str, str]:
 def write_train_run(dest: str | Path, *, samples: int, shard_size: int, seed: int) -> Path:
     """A GranuCap run dir of `samples` ok records, written with the engine's ShardWriter."""
     from engine.records import Record
-    from engine.stages.write import ShardWriter
+    from engine.io.shards import ShardWriter
 
     dest = Path(dest)
     rng = random.Random(seed)

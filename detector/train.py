@@ -1,6 +1,7 @@
 """Student training: fine-tune a Grounding DINO on GranuCap shards, in one process or data-parallel across
 Ray Train workers (TorchTrainer: gloo on CPU, NCCL on GPU). Every `checkpoint_every` steps the state goes to
-`OUT/checkpoints/`; a rerun of the same command resumes from the newest one.
+`OUT/checkpoints/`; a rerun of the same command resumes from the newest one. The shards are a run at a local
+path or a URI of any fsspec filesystem; OUT is a local folder.
 
     OUT/model.safetensors, config.json, processor files   the final student (loadable like any HF model)
     OUT/checkpoints/step-NNNNNNNN/                        resumable states (detector/checkpoint.py)
@@ -26,6 +27,8 @@ import torch
 from detector.checkpoint import clean_partial, latest_checkpoint, optimizer_from_files, read_state, save_checkpoint
 from detector.config import OptimSpec, TrainConfig
 from detector.data import ConceptDictionary, Sample, augment, collate, iter_shard_samples
+from engine.io.shards import open_run
+from engine.io.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +46,14 @@ def lr_factor(step: int, *, steps: int, optim: OptimSpec) -> float:
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _batches(shards: Path, *, config: TrainConfig, rank: int, world_size: int, seed: int) -> Iterator[list[Sample]]:
+def _batches(run: Location, *, config: TrainConfig, rank: int, world_size: int, seed: int) -> Iterator[list[Sample]]:
     """Endless batches of this worker's share of the shards, reshuffled each pass. Samples without boxes
     are skipped: the transformers loss needs at least one target per image."""
     epoch = 0
     while True:
         seen = 0
         batch: list[Sample] = []
-        for sample in iter_shard_samples(shards, shuffle_buffer=config.data.shuffle_buffer, seed=seed + epoch,
+        for sample in iter_shard_samples(run, shuffle_buffer=config.data.shuffle_buffer, seed=seed + epoch,
                                          rank=rank, world_size=world_size):
             if len(sample.boxes) == 0:
                 continue
@@ -62,7 +65,7 @@ def _batches(shards: Path, *, config: TrainConfig, rank: int, world_size: int, s
         if batch:
             yield batch
         if seen == 0:
-            raise ValueError(f"worker {rank}/{world_size}: no samples with boxes in the complete shards of {shards}")
+            raise ValueError(f"worker {rank}/{world_size}: no samples with boxes in the complete shards of {run.uri}")
         epoch += 1
 
 
@@ -101,7 +104,8 @@ def _checksum(model: Any) -> float:
 def _train_loop(config_dict: dict[str, Any]) -> dict[str, Any]:
     """One worker's training loop (also the whole single-process run). Takes plain data: Ray ships it."""
     config = TrainConfig.model_validate(config_dict["config"])
-    shards, out = Path(config_dict["shards"]), Path(config_dict["out"])
+    out = Path(config_dict["out"])
+    storage_options = config_dict.get("storage_options", {})
     in_ray = config_dict.get("ray", False)
     rank, world_size = 0, 1
     if in_ray:
@@ -111,11 +115,13 @@ def _train_loop(config_dict: dict[str, Any]) -> dict[str, Any]:
         context = ray.train.get_context()
         rank, world_size = context.get_world_rank(), context.get_world_size()
         device = ray.train.torch.get_device()
+        storage_options = ray.get(storage_options)  # sent by reference: see _train_ray
     else:
         use_gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
         device = torch.device("cuda" if use_gpu else "cpu")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    run = Location(config_dict["shards"], storage_options)
 
     from detector.model import load_student
 
@@ -152,13 +158,13 @@ def _train_loop(config_dict: dict[str, Any]) -> dict[str, Any]:
         # the saved processor then resizes evaluation images to the resolution the student trained at
         processor.image_processor.size = {"shortest_edge": max(scales), "longest_edge": max_size}
     max_text_len = config.data.max_text_len or int(getattr(model.config, "max_text_len", 256))
-    dictionary = ConceptDictionary.from_run(shards) if config.data.negatives > 0 else None
+    dictionary = ConceptDictionary.from_run(run) if config.data.negatives > 0 else None
     rng = random.Random(config.seed * 1_000_003 + rank * 7919 + start_step)
-    batches = _batches(shards, config=config, rank=rank, world_size=world_size, seed=config.seed + start_step)
+    batches = _batches(run, config=config, rank=rank, world_size=world_size, seed=config.seed + start_step)
     autocast = device.type == "cuda" and config.amp
     if rank == 0:
         logger.info("training %s on %s: steps %d..%d, %d worker(s), batch %d each, device %s, amp %s",
-                    spec.init, shards, start_step + 1, config.steps, world_size, config.data.batch_size, device,
+                    spec.init, run.uri, start_step + 1, config.steps, world_size, config.data.batch_size, device,
                     autocast)
 
     losses: list[float] = []
@@ -234,7 +240,7 @@ def _train_loop(config_dict: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _train_ray(shards: Path, out: Path, config: TrainConfig) -> dict[str, Any]:
+def _train_ray(source: dict[str, Any], out: Path, config: TrainConfig) -> dict[str, Any]:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -249,10 +255,13 @@ def _train_ray(shards: Path, out: Path, config: TrainConfig) -> dict[str, Any]:
                      include_dashboard=False, log_to_driver=False)
         started_ray = True
     try:
+        # Ray Train writes its loop config under OUT/ray (params.json, trainer.pkl): storage options, which may
+        # hold secrets, go through the object store instead
+        options = ray.put(source["storage_options"])
         trainer = TorchTrainer(
             _train_loop,
-            train_loop_config={"config": config.model_dump(mode="json"), "shards": str(shards.resolve()),
-                               "out": str(out.resolve()), "ray": True},
+            train_loop_config={"config": config.model_dump(mode="json"), "shards": source["shards"],
+                               "storage_options": options, "out": str(out.resolve()), "ray": True},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": config.cpus_per_worker}),
@@ -269,17 +278,20 @@ def _train_ray(shards: Path, out: Path, config: TrainConfig) -> dict[str, Any]:
     return json.loads((out / "train_summary.json").read_text())
 
 
-def train(*, shards: str | Path, out: str | Path, config: TrainConfig | None = None) -> dict[str, Any]:
-    """Train the student on the run dir `shards` into `out`; resumes from `out`'s newest checkpoint."""
+def train(*, shards: str | Path | Location, out: str | Path, config: TrainConfig | None = None) -> dict[str, Any]:
+    """Train the student on the run `shards` (a folder, a URI or a Location) into the local folder `out`;
+    resumes from `out`'s newest checkpoint."""
     config = config or TrainConfig()
-    shards, out = Path(shards), Path(out)
-    if not (shards / "shards").is_dir():
-        raise FileNotFoundError(f"{shards} is not a granucap run directory (no shards/ folder)")
+    run, out = open_run(shards), Path(out)
+    if not run.isdir("shards"):
+        raise FileNotFoundError(f"{run.uri} is not a granucap run directory (no shards/ folder)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+    # plain data, as Ray ships it; a local run by its absolute path, for workers started elsewhere
+    source = {"shards": run.uri if run.remote else str(run.local()), "storage_options": run.storage_options}
     if config.workers > 1:
-        return _train_ray(shards, out, config)
-    return _train_loop({"config": config.model_dump(mode="json"), "shards": str(shards), "out": str(out)})
+        return _train_ray(source, out, config)
+    return _train_loop({"config": config.model_dump(mode="json"), **source, "out": str(out)})
 
 
 __all__ = ["train", "lr_factor"]

@@ -30,7 +30,7 @@ def _progress_view(progress):
         f"{progress.rate:.1f}",
     )
     if progress.by_stage:
-        stages = Table(title="not ok, by stage", show_header=False)
+        stages = Table(title="not ok, by stage/reason", show_header=False)
         for key, n in sorted(progress.by_stage.items()):
             stages.add_row(key, str(n))
         from rich.console import Group
@@ -43,6 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
+    from rich.markup import escape
+
+    from engine.io.storage import StorageError
     from engine.runner import RunError, run
 
     config = load_config(args.pipeline, args.set + (["stages.ground.dummy_weights=true"] if args.dummy_weights else []))
@@ -63,8 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 manifest = run(
                     config, inputs=args.input, output=args.output, ray_address=args.ray_address, on_progress=show
                 )
-            except RunError as exc:
-                console.print(f"[red]error:[/red] {exc}")
+            except (RunError, StorageError) as exc:
+                console.print("[red]error:[/red] " + escape(str(exc)))
                 return 1
     counts = manifest["counts"]
     summary = {"output": str(args.output), **counts, "units": manifest["units"]}
@@ -86,7 +89,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     config = load_config(args.pipeline, args.set)
-    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    print(yaml.safe_dump(config.public_dump(), sort_keys=False))
     return 0
 
 
@@ -100,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a pipeline over raw pairs and write GranuCap shards (resumable)")
     p.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/granucap.yaml")
-    p.add_argument("--input", "-i", action="append", required=True, help="directory, file or glob; repeatable")
-    p.add_argument("--output", "-o", required=True, help="output directory (rerun the same command to resume)")
+    p.add_argument("--input", "-i", action="append", required=True,
+                   help="directory, file or glob, local or a URI (s3://, gs://, az://, hf://); repeatable")
+    p.add_argument("--output", "-o", required=True,
+                   help="output folder, local or a URI (s3://bucket/prefix); rerun the same command to resume")
     p.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")
     p.add_argument("--ray-address", default=None, help="Ray cluster address; default: embedded Ray")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress view")
@@ -146,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        from engine.io.storage import StorageError
         from engine.runner import RunError
 
-        if not isinstance(exc, RunError):
+        if not isinstance(exc, (RunError, StorageError)):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1

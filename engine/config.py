@@ -178,6 +178,11 @@ class FilterSpec(_Strict):
 
 class WriteSpec(_Strict):
     shard_size: int = Field(1000, ge=1)  # samples per work unit and output shard
+    # Each unit's shard, index part and marker are written by a Ray task on the node that holds the unit's
+    # rows, straight to the output (local folder or object store). CPUs per writing task, and how many may
+    # run at once (None: as many as the cluster's CPUs allow).
+    num_cpus: float = Field(0.25, gt=0)
+    concurrency: int | None = Field(None, ge=1)
 
 
 class StagesSpec(_Strict):
@@ -215,6 +220,10 @@ class RaySpec(_Strict):
     # fragments in many arenas, ≈ 2.8 KB a unit for every finished Dataset; capped, the driver stays flat
     # across Datasets. None: glibc's default (8 a core); MALLOC_ARENA_MAX in the environment wins.
     driver_malloc_arenas: int | None = Field(1, ge=1)
+    # A Ray Dataset that fails for a reason outside granucap's code (a node lost, an actor that died more
+    # times than its restarts, an object that could not be reconstructed) is started again on the units that
+    # have no marker yet, at most this many times in all; completed units are never redone.
+    max_attempts: int = Field(3, ge=1)
 
 
 class PipelineConfig(_Strict):
@@ -225,6 +234,19 @@ class PipelineConfig(_Strict):
     stages: StagesSpec
     write: WriteSpec = WriteSpec()
     ray: RaySpec = RaySpec()
+    # Keyword arguments for the filesystem of each URI protocol in --input / --output (fsspec's
+    # storage_options), e.g. {s3: {endpoint_url: "http://minio:9000"}}. Credentials are better left to the
+    # environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, ...); given here, they are never written to the
+    # manifest, printed or logged (engine/io/storage.py).
+    storage_options: dict[str, dict[str, Any]] = {}
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as JSON for the manifest and the terminal: storage option values left out."""
+        from engine.io.storage import redacted_options
+
+        data = self.model_dump(mode="json")
+        data["storage_options"] = redacted_options(self.storage_options)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +257,18 @@ class PipelineConfig(_Strict):
                 "stages.decode.resources (concurrency: tasks at once, num_cpus, batch_size: rows per block) instead"
             )
         return data
+
+    @field_validator("storage_options")
+    @classmethod
+    def _protocols(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import re
+
+        bad = [k for k in v if not re.fullmatch(r"[a-z][a-z0-9+.\-]*", k) or k in ("file", "local")]
+        if bad:
+            raise ValueError(
+                f"keys are URI protocols with their filesystem's options (e.g. s3: {{endpoint_url: ...}}), got {bad}"
+            )
+        return v
 
     @field_validator("name")
     @classmethod

@@ -1,27 +1,30 @@
 """Look at a run, or at a run before it starts.
 
-- `summarize(run_dir)`: counts from the parquet index (every sample, rejected and failed ones too): status,
+- `summarize(run)`: counts from the parquet index (every sample, rejected and failed ones too): status,
   top reasons, boxes per image, score histogram, top categories and parent categories. Streams the index in
   batches; no image is read.
-- `write_html(run_dir, dest)`: a static page with matplotlib plots (Agg, PNG) and a gallery of the first
+- `write_html(run, dest)`: a static page with matplotlib plots (Agg, PNG) and a gallery of the first
   ok samples with their boxes and labels drawn (PIL), filterable by category with a small inline script
   (`page.html#category=NAME` opens it filtered).
 - `plan_summary(config, inputs, output)`: what `granucap run` would do (stages, backends, models,
   resources, units, units already complete) without starting Ray.
+
+A run is a local folder or a URI of any fsspec filesystem (engine/io/storage.py); the page goes to a local
+folder. Only complete units are counted (`engine.io.shards.complete_unit_ids`).
 """
 
 from __future__ import annotations
 
 import html
-import json
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from engine.export.common import index_files, iter_samples
+from engine.export import run_name
+from engine.io.shards import open_run
+from engine.export.common import iter_index_rows, iter_samples
+from engine.io.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +33,10 @@ BOX_COLOUR = (255, 0, 255)  # magenta: used for nothing else on the page, so a s
 TOP = 15
 
 
-def summarize(run_dir: str | Path, *, top: int = TOP) -> dict[str, Any]:
+def summarize(run: str | Path | Location, *, top: int = TOP) -> dict[str, Any]:
     """Counts of one run from its index; `top` limits the reason and category lists."""
-    run_dir = Path(run_dir)
-    manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    run = open_run(run)
+    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
     status: Counter = Counter()
     reasons: Counter = Counter()
     boxes_per_image: Counter = Counter()
@@ -43,27 +45,25 @@ def summarize(run_dir: str | Path, *, top: int = TOP) -> dict[str, Any]:
     parents: Counter = Counter()
     matched: Counter = Counter()
     columns = ["status", "error", "entities", "boxes"]
-    for path in index_files(run_dir):
-        for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=1024):
-            for row in batch.to_pylist():
-                status[row["status"]] += 1
-                if row["status"] != "ok":
-                    error = row["error"] or {}
-                    reasons[f"{row['status']}: {error.get('stage')}/{error.get('kind')}"] += 1
-                    continue
-                entities = row["entities"] or []
-                boxes = row["boxes"] or []
-                boxes_per_image[len(boxes)] += 1
-                for box in boxes:
-                    scores[min(int(box["score"] * SCORE_BINS), SCORE_BINS - 1)] += 1
-                    entity = entities[box["entity"]]
-                    categories[entity["category"]] += 1
-                    parents[entity.get("parent_category") or "(none)"] += 1
-                    matched[box.get("matched") or "?"] += 1
+    for row in iter_index_rows(run, columns):
+        status[row["status"]] += 1
+        if row["status"] != "ok":
+            error = row["error"] or {}
+            reasons[f"{row['status']}: {error.get('stage')}/{error.get('kind')}"] += 1
+            continue
+        entities = row["entities"] or []
+        boxes = row["boxes"] or []
+        boxes_per_image[len(boxes)] += 1
+        for box in boxes:
+            scores[min(int(box["score"] * SCORE_BINS), SCORE_BINS - 1)] += 1
+            entity = entities[box["entity"]]
+            categories[entity["category"]] += 1
+            parents[entity.get("parent_category") or "(none)"] += 1
+            matched[box.get("matched") or "?"] += 1
     ok = status.get("ok", 0)
     n_boxes = sum(k * v for k, v in boxes_per_image.items())
     return {
-        "run_dir": str(run_dir),
+        "run_dir": run.uri,
         "pipeline": manifest.get("pipeline"),
         "status": manifest.get("status"),
         "dummy_models": bool(manifest.get("dummy_models")),
@@ -193,15 +193,16 @@ apply();
 """
 
 
-def write_html(run_dir: str | Path, dest: str | Path, *, gallery: int = 24, summary: dict | None = None) -> Path:
+def write_html(run: str | Path | Location, dest: str | Path, *, gallery: int = 24,
+               summary: dict | None = None) -> Path:
     """Write DEST/index.html with plots/ and gallery/; returns the page's path."""
-    run_dir, dest = Path(run_dir), Path(dest)
+    run, dest = open_run(run), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    summary = summary or summarize(run_dir)
+    summary = summary or summarize(run)
     plots = _plots(summary, dest / "plots")
     figures, seen = [], Counter()
     (dest / "gallery").mkdir(exist_ok=True)
-    for i, sample in enumerate(iter_samples(run_dir)):
+    for i, sample in enumerate(iter_samples(run)):
         if i >= gallery:
             break
         record = sample.record
@@ -221,7 +222,7 @@ def write_html(run_dir: str | Path, dest: str | Path, *, gallery: int = 24, summ
     ) + f"<tr><th>boxes per image (mean)</th><td>{summary['boxes_per_image']['mean']:.2f}</td></tr>"
     reasons = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>" for r, n in summary["reasons"]) or "<tr><td>none</td></tr>"
     page = _PAGE.format(
-        title=html.escape(str(summary.get("pipeline") or run_dir.name)),
+        title=html.escape(str(summary.get("pipeline") or run_name(run))),
         note="<p><b>Dummy (random-weight) models: boxes are random by design.</b></p>" if summary["dummy_models"] else "",
         counts=counts,
         reasons=reasons,
@@ -241,10 +242,9 @@ def write_html(run_dir: str | Path, dest: str | Path, *, gallery: int = 24, summ
 
 def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: str | None = None) -> dict[str, Any]:
     """What `granucap run` would do, from the config and a cheap count of the inputs; starts nothing."""
-    from dataclasses import asdict
-
     from engine.allocator import driver_malloc
-    from engine.io.readers import plan_units
+    from engine.io.shards import complete_units
+    from engine.io.storage import Location
     from engine.runner import (
         RunError,
         check_stage_inputs,
@@ -253,11 +253,11 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
         describe_models,
         measure_sample_bytes,
         operators,
+        prepare_plan,
         stage_names,
         uses_model,
         worker_allocator,
     )
-    from engine.stages.write import completed_units
 
     check_stage_inputs(config)
     models = describe_models(config)
@@ -282,14 +282,11 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
                 **spec.resources.model_dump(),
             }
         )
-    units = plan_units(inputs, shard_size=config.write.shard_size)
-    output = Path(output)
-    done = completed_units(output) if output.is_dir() else {}
-    plan_path = output / "plan.json"
-    same_plan = None
-    if plan_path.is_file():
-        same_plan = json.loads(plan_path.read_text()) == [asdict(u) for u in units]
-    todo = [u for u in units if u.index not in done] if same_plan is not False else units
+    out = Location(output, config.storage_options)
+    plan, same_plan = prepare_plan(config, inputs, out)  # files without metadata are counted in threads here
+    units = plan.units
+    done = complete_units(out) if same_plan else {}
+    todo = [u for u in units if u.index not in done]
     address = ray_address or config.ray.address
     # as `run` sizes its default budget: the first samples still to do, read and decoded (a fraction of a second)
     sample_bytes = measure_sample_bytes(todo, config) if config.ray.data_memory_mb is None else None
@@ -299,7 +296,7 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
         allocator = f"error: {exc}"
     return {
         "pipeline": config.name,
-        "output": str(output),
+        "output": out.uri,
         "stages": stages,
         "samples": sum(u.size for u in units),
         "units": len(units),

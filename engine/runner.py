@@ -1,20 +1,24 @@
-"""The runner: plan work units, map the stages onto Ray Data, write shards on the driver, keep the manifest.
+"""The runner: plan work units, map the stages onto Ray Data, write shards on the workers, keep the manifest.
 
     units ─► read + decode (tasks) ─► recaption ─► extract ─► ground + filter (actor pools)
-          ─► driver: ShardWriter (one shard per unit, marker last) ─► manifest.json
+          ─► write (tasks: one unit's shard, index part and marker, straight to the output) ─► driver: reports
 
-Each task reads one work unit and runs decode (and any CPU stage before the first model stage, e.g. a
-passthrough recaption) on it `decode.resources.batch_size` rows at a time, yielding each batch as it is done
-(Ray Data joins the yields into blocks of up to `target_max_block_size`, 128 MiB: usually one block per unit);
-the raw image bytes never go through the object store, and one pool of task workers serves both. Likewise a
-CPU stage right after a model stage (filter after ground) runs inside that stage's actors. Every operator
-kept is another worker process (≈ 250 MB with Ray Data loaded) alive next to the others for the whole run.
+Each read task reads one work unit and runs decode (and any CPU stage before the first model stage, e.g. a
+passthrough recaption) on it `decode.resources.batch_size` rows at a time; the raw image bytes never go through
+the object store, and one pool of task workers serves both. A CPU stage right after a model stage (filter after
+ground) runs inside that stage's actors. Every operator kept is another worker process (≈ 250 MB with Ray Data
+loaded) alive next to the others for the whole run.
+
+A unit travels as one block from its read task to its write task: Ray Data never splits a block it bundles for
+a map, and with no block size limit (`target_max_block_size = None`) each task's output is one block, so the
+write task always holds whole units (it checks, and refuses to write a partial one). It writes them on the node
+that holds them, claiming their keys from the run's `KeyClaims` actor first, and hands the driver a report of a
+few hundred bytes per unit: the driver never sees an image or a record.
 
 Ray starts embedded on this machine unless an address is given, and an embedded session stops when the process
-exits (`_stop_embedded_ray`). Output order is preserved so that units complete one after another and the
-driver holds at most a few units' rows at a time. The units run as consecutive Datasets of at most
-`ray.max_samples_per_dataset` samples, because Ray Data keeps statistics of every block it produced in the
-driver until the Dataset ends.
+exits (`_stop_embedded_ray`). The units run as consecutive Datasets of at most `ray.max_samples_per_dataset`
+samples, because Ray Data keeps statistics of every block it produced in the driver until the Dataset ends. A
+Dataset that fails for a reason outside granucap (a node lost) runs again on the units without a marker.
 """
 
 from __future__ import annotations
@@ -39,12 +43,15 @@ from engine import __version__
 from engine.allocator import AllocatorError, WorkerAllocator, driver_malloc
 from engine.allocator import resolve as resolve_allocator
 from engine.config import PipelineConfig, Resources
-from engine.io.readers import Unit, plan_units, read_unit
+from engine.io.inputs import Unit, expand_inputs
+from engine.io.plan import Plan, load_plan, make_plan, save_plan
+from engine.io.readers import read_unit
+from engine.io.shards import KeyClaims, complete_unit_ids, complete_units, completed_keys, shard_files, write_unit
+from engine.io.storage import Location, redact
 from engine.models.loading import is_dummy
 from engine.prompts import load_prompt
 from engine.records import SCHEMA, Record, from_table, to_table
 from engine.stages.base import Stage
-from engine.stages.write import ShardWriter, atomic_write_bytes, clean_temporaries, completed_keys, completed_units
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +162,7 @@ def _read_units(batch: pa.Table, *, names: tuple[str, ...], config_json: str) ->
 
     for row in batch.to_pylist():
         rows: list[Record] = []
-        for record in read_unit(Unit(**row)):
+        for record in read_unit(Unit(**row), config.storage_options):
             rows.append(record)
             if len(rows) == rows_per_block:
                 yield block(rows)
@@ -168,18 +175,22 @@ CHAOS_ENV = "GRANUCAP_CHAOS_KILL_ONCE"
 
 
 def _chaos(name: str) -> None:
-    """Fault injection for the reliability tests: with GRANUCAP_CHAOS_KILL_ONCE=STAGE:PATH the first batch
-    that reaches STAGE's actor kills that worker process (as a segfault or a lost node would), once: PATH
-    records that it happened. Unset, this costs one dictionary lookup per batch."""
+    """Fault injection for the reliability tests: with GRANUCAP_CHAOS_KILL_ONCE=STAGE:PATH[:N] the first N
+    batches (default 1) that reach STAGE's actors kill their worker process (as a segfault or a lost node
+    would), once each: PATH (then PATH.2, ... PATH.N) records that it happened. Unset, this costs one
+    dictionary lookup per batch."""
     spec = os.environ.get(CHAOS_ENV)
     if not spec:
         return
-    stage, _, path = spec.partition(":")
-    if stage == name and path:
+    stage, _, rest = spec.partition(":")
+    path, _, times = rest.partition(":")
+    if stage != name or not path:
+        return
+    for i in range(1, int(times or 1) + 1):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path if i == 1 else f"{path}.{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            return
+            continue
         os.close(fd)
         os._exit(137)
 
@@ -202,6 +213,67 @@ class _StageActor:
             _chaos(name)
             records = stage(records)
         return to_table(records)
+
+
+class _KeyClaimsActor:
+    """The run's `KeyClaims` in one Ray actor that every write task asks; seeded with the keys of the units
+    completed before this run started (read from their index parts, here rather than in the driver)."""
+
+    def __init__(self, output: str, storage_options: dict[str, Any], units: list[int]) -> None:
+        self.claims = KeyClaims(completed_keys(Location(output, storage_options), units))
+
+    def claim(self, unit: int, keys: list[str]) -> list[str]:
+        return self.claims.claim(unit, keys)
+
+    def commit(self, unit: int) -> None:
+        self.claims.commit(unit)
+
+    def size(self) -> int:
+        return len(self.claims)
+
+
+REPORT_SCHEMA = pa.schema([
+    ("unit", pa.int64()),
+    ("stats", pa.string()),  # the unit's marker, as written (an earlier attempt's, when it had written it)
+    ("node", pa.string()),  # the Ray node that wrote it
+    ("rows_bytes", pa.int64()),  # Arrow bytes of the unit's rows as the write task received them
+    ("rewritten", pa.bool_()),  # False: the marker was there already (a retried task), nothing written
+])
+
+
+def _write_units(
+    batch: pa.Table, *, output: str, config_json: str, expected: dict[int, tuple[int, bool]], claims: Any
+) -> pa.Table:
+    """Write every unit of `batch` (whole units only: see the module docstring) to the output: shard, index
+    part, marker; return one report row per unit."""
+    import pyarrow.compute as pc
+    import ray
+
+    config = PipelineConfig.model_validate_json(config_json)
+    location = Location(output, config.storage_options)
+    node = ray.get_runtime_context().get_node_id()
+
+    def claim(unit: int, keys: list[str]) -> list[str]:
+        return ray.get(claims.claim.remote(unit, keys))
+
+    reports = []
+    for unit in sorted(set(batch.column("unit").to_pylist())):
+        rows = batch.filter(pc.equal(batch.column("unit"), unit))
+        size, to_end = expected[unit]
+        if rows.num_rows != size and not (to_end and rows.num_rows >= size):
+            raise RunError(
+                f"unit {unit} reached its write task with {rows.num_rows} of its {size} samples: the unit was "
+                "split between blocks, and writing part of it would lose samples"
+            )
+        marker = shard_files(unit)[2]
+        if location.exists(marker):  # a retried task whose first attempt got as far as the marker
+            stats, rewritten = location.read_json(marker), False
+        else:
+            stats, rewritten = write_unit(location, unit, from_table(rows), claim, written_by=node).to_json(), True
+            ray.get(claims.commit.remote(unit))
+        reports.append({"unit": unit, "stats": json.dumps(stats), "node": node, "rows_bytes": rows.nbytes,
+                        "rewritten": rewritten})
+    return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
 
 
 def worker_allocator(config: PipelineConfig, address: str | None = None) -> WorkerAllocator:
@@ -244,6 +316,9 @@ def _ray_init(config: PipelineConfig, address: str | None, allocator: WorkerAllo
         ray.init(address=address, **kwargs)
     else:
         ray.init(
+            # always a session of its own: without it Ray joins a cluster started on this host earlier (or
+            # named by RAY_ADDRESS, or by a stale address file), which is not what an embedded run asked for
+            address="local",
             num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 2),
             object_store_memory=(config.ray.object_store_mb * 2**20) if config.ray.object_store_mb else None,
             include_dashboard=False,
@@ -289,14 +364,14 @@ def _check_actor_cpus(config: PipelineConfig) -> None:
         for name in stage_names(config)
         if uses_model(name, config)
     }
-    # at least one read + decode task must fit beside them
-    reading = config.stages.decode.resources.num_cpus
-    if sum(wanted.values()) + reading > total:
+    # at least one read + decode task and one write task must fit beside them
+    reading, writing = config.stages.decode.resources.num_cpus, config.write.num_cpus
+    if sum(wanted.values()) + reading + writing > total:
         detail = ", ".join(f"{n} {c:g}" for n, c in wanted.items())
         raise RunError(
             f"the actor pools need {sum(wanted.values()):g} CPUs ({detail}) plus {reading:g} for reading and "
-            f"decoding, but Ray has {total:g}: lower stages.*.resources.num_cpus / concurrency "
-            "(fractions are fine, e.g. 0.25) or raise ray.num_cpus"
+            f"decoding and {writing:g} for writing, but Ray has {total:g}: lower stages.*.resources.num_cpus / "
+            "concurrency (fractions are fine, e.g. 0.25) or raise ray.num_cpus"
         )
 
 
@@ -341,7 +416,7 @@ def measure_sample_bytes(units: list[Unit], config: PipelineConfig, samples: int
     rows: list[Record] = []
     try:
         for unit in units:
-            with closing(read_unit(unit)) as records:
+            with closing(read_unit(unit, config.storage_options)) as records:
                 rows.extend(islice(records, samples - len(rows)))
             if len(rows) >= samples:
                 break
@@ -374,14 +449,20 @@ def data_memory_budget(config: PipelineConfig, sample_bytes: float | None = None
     return max(int(workers * UNITS_PER_WORKER * unit), MIN_DATA_MEMORY_MB * 2**20)
 
 
-def build_dataset(units: list[Unit], config: PipelineConfig, sample_bytes: float | None = None):
-    """The Ray Data plan: read + decode → model stages → filter, as pyarrow batches of SCHEMA rows; blocks
-    waiting between operators held to `data_memory_budget(config, sample_bytes)`."""
+def build_dataset(
+    units: list[Unit], config: PipelineConfig, sample_bytes: float | None = None, *, output: str, claims: Any
+):
+    """The Ray Data plan: read + decode → model stages → filter → write to `output` (keys claimed from the
+    `claims` actor), as pyarrow batches of REPORT_SCHEMA rows, one per unit; blocks waiting between operators
+    held to `data_memory_budget(config, sample_bytes)`."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
+    # units complete on the workers, so the order in which they come out does not matter
+    ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = False
+    # a unit must stay one block from its read task to its write task (see the module docstring)
+    ctx.target_max_block_size = None
     # Ray Data's default budget is half the object store; blocks then pile up ahead of the slowest stage
     # for as long as the input lasts (benchmarks/memory.py)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
@@ -421,6 +502,19 @@ def build_dataset(units: list[Unit], config: PipelineConfig, sample_bytes: float
                 max_restarts=3,
                 max_task_retries=3,
             )
+        expected = {u.index: (u.size, u.to_end) for u in units}
+        ds = ds.map_batches(
+            _write_units,
+            fn_kwargs={"output": output, "config_json": config_json, "expected": expected, "claims": claims},
+            batch_size=None,  # whole blocks: whole units
+            batch_format="pyarrow",
+            num_cpus=config.write.num_cpus,
+            compute=ray.data.TaskPoolStrategy(size=config.write.concurrency),
+            max_retries=-1,  # a lost worker or node: the unit is written again (what was written stays valid)
+            # Ray's default scheduler places a task where most of its argument bytes are: the unit is written
+            # from the node that holds it (Ray Data would otherwise spread tasks over nodes)
+            scheduling_strategy="DEFAULT",
+        )
     return ds
 
 
@@ -429,7 +523,7 @@ def build_dataset(units: list[Unit], config: PipelineConfig, sample_bytes: float
 
 @dataclass
 class Progress:
-    """Counters the CLI shows while a run goes on."""
+    """Counters the CLI shows while a run goes on, a unit at a time."""
 
     total: int
     skipped: int = 0  # samples in units completed by an earlier run
@@ -438,16 +532,21 @@ class Progress:
     rejected: int = 0
     failed: int = 0
     boxes: int = 0
-    by_stage: Counter = field(default_factory=Counter)  # "stage: status" -> count
+    units: int = 0  # units completed by this run
+    by_stage: Counter = field(default_factory=Counter)  # "stage/kind" -> rejected and failed samples
+    received_bytes: int = 0  # what the driver received from the Dataset (unit reports)
+    rows_bytes: int = 0  # what the write tasks received: the records the driver never sees
+    nodes: Counter = field(default_factory=Counter)  # Ray node id -> units it wrote
     started: float = field(default_factory=time.monotonic)
 
-    def add(self, records: list[Record]) -> None:
-        for r in records:
-            self.done += 1
-            setattr(self, r.status, getattr(self, r.status) + 1)
-            self.boxes += len(r.boxes) if r.ok else 0
-            if r.error:
-                self.by_stage[f"{r.error['stage']}: {r.status}"] += 1
+    def add_unit(self, stats: dict[str, Any]) -> None:
+        self.units += 1
+        self.done += stats["read"]
+        self.ok += stats["ok"]
+        self.rejected += stats["rejected"]
+        self.failed += stats["failed"]
+        self.boxes += stats["boxes"]
+        self.by_stage.update(stats.get("reasons", {}))
 
     @property
     def rate(self) -> float:
@@ -487,8 +586,10 @@ def describe_prompts(config: PipelineConfig) -> dict[str, str]:
     return {p.id: p.sha256 for p in map(load_prompt, ids)}
 
 
-def write_manifest(output: Path, config: PipelineConfig, units: list[Unit], inputs: list[str], **extra) -> dict:
-    done = completed_units(output)
+def write_manifest(
+    output: Location, config: PipelineConfig, plan: Plan, done: dict[int, dict[str, Any]], **extra: Any
+) -> dict:
+    """manifest.json from the markers of the complete units (`done`: unit -> marker stats)."""
     counts: Counter = Counter()
     reasons: Counter = Counter()
     usage: dict[str, Counter] = {}
@@ -501,36 +602,71 @@ def write_manifest(output: Path, config: PipelineConfig, units: list[Unit], inpu
     manifest = {
         "format": "granucap/1",
         "pipeline": config.name,
-        "inputs": inputs,
-        "config": config.model_dump(mode="json"),
+        "inputs": plan.inputs,
+        "config": config.public_dump(),
         "versions": versions(),
         "models": models,
         "dummy_models": any(m["dummy_weights"] for m in models.values()),
         "prompts": describe_prompts(config),
-        "units": {"planned": len(units), "complete": len(done)},
+        "units": {"planned": len(plan.units), "complete": len(done)},
         "counts": {k: counts.get(k, 0) for k in ("read", "ok", "rejected", "failed", "boxes", "entities")},
         "reasons": dict(reasons.most_common()),
         "usage": {stage: dict(sorted(c.items())) for stage, c in sorted(usage.items())},
         **extra,
     }
-    atomic_write_bytes(output / "manifest.json", json.dumps(manifest, indent=2).encode())
+    output.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest
 
 
-def _check_plan(output: Path, units: list[Unit]) -> None:
-    """A rerun must be the same job: the stored plan and the new one must agree."""
-    plan_path = output / "plan.json"
-    plan = [asdict(u) for u in units]
-    if plan_path.exists():
-        previous = json.loads(plan_path.read_text())
-        if previous != plan:
-            raise RunError(
-                f"{output} holds the output of a different input plan ({len(previous)} units, now {len(plan)}); "
-                "use a new output directory"
-            )
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(plan_path, json.dumps(plan, indent=1).encode())
+def _ray_map(config: PipelineConfig, start_ray: Callable[[], None]):
+    """A `map_fn` for the planner: the files are counted in Ray tasks of one CPU (started on first use), twice
+    as many tasks as the cluster has CPUs, so on a cluster the reading is spread over the nodes."""
+
+    def map_fn(count, files, options):
+        import ray
+
+        start_ray()
+        tasks = max(1, min(len(files), 2 * int(ray.cluster_resources().get("CPU", 1))))
+        chunks = [files[i::tasks] for i in range(tasks)]  # dealt round-robin: big and small files mix
+        remote = ray.remote(num_cpus=1, max_retries=3)(count)
+        counted = ray.get([remote.remote(chunk, options) for chunk in chunks])
+        out: list = [None] * len(files)
+        for i, chunk in enumerate(counted):
+            out[i::tasks] = chunk
+        return out
+
+    return map_fn
+
+
+def prepare_plan(
+    config: PipelineConfig, inputs: list[str], output: Location, map_fn: Callable | None = None
+) -> tuple[Plan, bool | None]:
+    """The run's plan and whether it is the one saved in `output`: None when there is none (the plan is new,
+    not saved yet), True when the saved one matches the inputs (listed again) and is returned, False when it
+    belongs to other inputs or another shard size (the plan returned is new; `run` refuses such an output)."""
+    files = expand_inputs(inputs, config.storage_options)
+    saved = load_plan(output)
+    if saved is not None and saved.shard_size == config.write.shard_size and saved.file_list() == files:
+        return saved, True
+    plan = make_plan(inputs, shard_size=config.write.shard_size, storage_options=config.storage_options,
+                     map_fn=map_fn, files=files)
+    return plan, None if saved is None else False
+
+
+def _system_failure(exc: BaseException) -> bool:
+    """Whether a failed Dataset met a failure of the cluster (a node, worker, actor or object lost) rather
+    than an error of granucap's or the input's, which running again would only repeat."""
+    import ray.exceptions as rex
+
+    system = (rex.ActorDiedError, rex.ActorUnavailableError, rex.NodeDiedError, rex.ObjectLostError,
+              rex.OwnerDiedError, rex.WorkerCrashedError, rex.ObjectFetchTimedOutError, rex.RaySystemError)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, system):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 def run(
@@ -541,30 +677,50 @@ def run(
     ray_address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the pipeline over `inputs` into `output`; resumable; returns the manifest."""
-    output = Path(output)
+    """Run the pipeline over `inputs` into `output` (a local folder or an object store URI); resumable;
+    returns the manifest."""
     check_stage_inputs(config)
     allocator = worker_allocator(config, ray_address)  # a missing library fails here, before anything is written
-    units = plan_units(inputs, shard_size=config.write.shard_size)
-    _check_plan(output, units)
-    removed = clean_temporaries(output)
+    out = Location(output, config.storage_options)
+    out.check_writable()  # credentials, endpoint, bucket, permissions: one line before any work
+
+    ray_started = []
+
+    def start_ray() -> None:
+        """Ray for this run, once: for the planner's counting tasks or for the run, whichever comes first."""
+        if not ray_started:
+            # before Ray starts its threads in this process: glibc caps only the arenas still to be made
+            log.info("the driver's memory allocator: %s", driver_malloc(config.ray.driver_malloc_arenas, apply=True))
+            _ray_init(config, ray_address, allocator)
+            ray_started.append(True)
+
+    if ray_address or config.ray.address:
+        start_ray()
+        _check_nodes_reach(out)
+    plan, same = prepare_plan(config, inputs, out, _ray_map(config, start_ray))
+    if same is False:
+        raise RunError(
+            f"{out.uri} holds the output of a different input plan (other input files or shard size); use a "
+            "new output directory"
+        )
+    if same is None:
+        save_plan(out, plan)
+    removed = out.clean_temporaries()
     if removed:
         log.info("removed %d partial files left by an earlier run", removed)
-    done = completed_units(output)
-    todo = [u for u in units if u.index not in done]
-    progress = Progress(total=sum(u.stop - u.start for u in units))
+    done = complete_units(out)
+    todo = [u for u in plan.units if u.index not in done]
+    progress = Progress(total=plan.samples)
     progress.skipped = sum(stats["read"] for stats in done.values())
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_manifest(output, config, units, inputs, status="running", started_at=started)
-    log.info("%d units planned, %d already complete, %d to do", len(units), len(done), len(todo))
+    write_manifest(out, config, plan, done, status="running", started_at=started)
+    log.info("%d units planned, %d already complete, %d to do", len(plan.units), len(done), len(todo))
     if todo:
-        # before Ray starts its threads in this process: glibc caps only the arenas still to be made
-        log.info("the driver's memory allocator: %s", driver_malloc(config.ray.driver_malloc_arenas, apply=True))
         # the default budget for waiting blocks is sized from a few samples of the input, read and decoded in
         # a thread while Ray starts (its start leaves the cores mostly idle; Pillow and zlib release the GIL)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="granucap-sizing") as sizing:
             sized = sizing.submit(measure_sample_bytes, todo, config) if config.ray.data_memory_mb is None else None
-            _ray_init(config, ray_address, allocator)
+            start_ray()
             sample_bytes = sized.result() if sized else None
         if sized:
             log.info("blocks waiting between operators: at most %d MiB (%s a decoded sample)",
@@ -572,32 +728,122 @@ def run(
                      f"{sample_bytes / 2**10:.1f} KB, the mean of the first {SIZE_SAMPLES}" if sample_bytes
                      else f"{DECODED_SAMPLE_KB} KB, taken")
         _check_actor_cpus(config)
-        writer = ShardWriter(
-            output, expected={u.index: u.stop - u.start for u in todo}, seen_keys=completed_keys(output, sorted(done))
-        )
+        claims = _start_key_claims(out, sorted(done))
         segments = dataset_segments(todo, config.ray.max_samples_per_dataset)
         for n, segment in enumerate(segments, 1):
             if len(segments) > 1:
                 log.info("Ray Dataset %d of %d: units %d..%d, %d samples", n, len(segments), segment[0].index,
                          segment[-1].index, sum(u.size for u in segment))
-            ds = build_dataset(segment, config, sample_bytes)
-            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                records = from_table(table)
-                writer(records)
-                progress.add(records)
-                if on_progress:
-                    on_progress(progress)
-            missing = writer.incomplete()
-            if missing:
-                raise RunError(f"units left incomplete (unit -> samples received): {missing}")
+            _run_segment(segment, config, sample_bytes, out, claims, done, progress, on_progress)
     finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    manifest = write_manifest(
-        output, config, units, inputs, status="complete", started_at=started, finished_at=finished
-    )
+    manifest = write_manifest(out, config, plan, done, status="complete", started_at=started, finished_at=finished)
     counts = manifest["counts"]
     if counts["read"] != counts["ok"] + counts["rejected"] + counts["failed"]:
         raise RunError(f"counts do not add up: {counts}")
     return manifest
+
+
+def _reach_output(uri: str, storage_options: dict[str, Any], probe: str) -> str | None:
+    """On one node: None when the run's output is the driver's (its probe file is there) and writable from
+    here, else why not (one line)."""
+    from engine.io.storage import StorageError, describe
+
+    out = Location(uri, storage_options)
+    try:
+        if out.read_bytes(probe) != b"granucap":
+            return f"{out.uri_of(probe)} holds other bytes than the driver wrote"
+    except FileNotFoundError:
+        return f"{uri} is not the driver's output here (a local disk of the node, not shared?)"
+    except Exception as exc:  # every filesystem has its own exception tree
+        return describe(exc, uri, "read")
+    try:
+        out.check_writable()
+    except StorageError as exc:
+        return str(exc)
+    return None
+
+
+def _check_nodes_reach(out: Location) -> None:
+    """On a cluster every node writes the units it holds: before any work, each node with CPUs must see the
+    driver's output and be able to write to it (shared storage, credentials, endpoint), else RunError."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = f".granucap-probe-{uuid.uuid4().hex[:12]}"
+    out.write_bytes(probe, b"granucap")
+    try:
+        check = ray.remote(num_cpus=0, max_retries=0)(_reach_output)
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        answers = ray.get([
+            check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                out.uri, out.storage_options, probe)
+            for n in nodes
+        ])
+    finally:
+        out.remove(probe)
+    for node, answer in zip(nodes, answers):
+        if answer:
+            raise RunError(redact(f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) cannot write the "
+                                  f"output: {answer}"))
+
+
+def _start_key_claims(out: Location, done_units: list[int]):
+    """The run's `KeyClaims` actor, on this node (it lives as long as the driver does)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0, max_restarts=0)(_KeyClaimsActor).options(scheduling_strategy=here)
+    claims = actor.remote(out.uri, out.storage_options, done_units)
+    ray.get(claims.size.remote())  # seeded before any write task asks
+    return claims
+
+
+def _run_segment(
+    segment: list[Unit],
+    config: PipelineConfig,
+    sample_bytes: float | None,
+    out: Location,
+    claims: Any,
+    done: dict[int, dict[str, Any]],
+    progress: Progress,
+    on_progress: Callable[[Progress], None] | None,
+) -> None:
+    """Run one Dataset over the units of `segment` and collect their reports into `done`; after a failure of
+    the cluster, again over those still without a marker (at most `ray.max_attempts` runs in all)."""
+    todo = list(segment)
+    for attempt in range(1, config.ray.max_attempts + 1):
+        ds = build_dataset(todo, config, sample_bytes, output=out.uri, claims=claims)
+        try:
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.received_bytes += table.nbytes
+                for row in table.to_pylist():
+                    stats = json.loads(row["stats"])
+                    if int(stats["unit"]) not in done:
+                        done[int(stats["unit"])] = stats
+                        progress.add_unit(stats)
+                    progress.rows_bytes += row["rows_bytes"]
+                    progress.nodes[row["node"]] += 1
+                if on_progress:
+                    on_progress(progress)
+        except Exception as exc:
+            if attempt == config.ray.max_attempts or not _system_failure(exc):
+                raise
+            # units written before the failure whose reports were lost with it: their markers tell
+            for unit in set(complete_unit_ids(out)) & ({u.index for u in todo} - set(done)):
+                done[unit] = out.read_json(shard_files(unit)[2])
+                progress.add_unit(done[unit])
+            todo = [u for u in todo if u.index not in done]
+            log.warning("the Ray Dataset failed (%s: %s); running it again on the %d units without a marker "
+                        "(attempt %d of %d)", type(exc).__name__, (str(exc).splitlines() or [""])[0], len(todo),
+                        attempt + 1, config.ray.max_attempts)
+        else:
+            break
+    missing = [u.index for u in segment if u.index not in done]
+    if missing:
+        raise RunError(f"units left without a marker after the Dataset ended: {missing[:20]}")
 
 
 __all__ = ["run", "build_dataset", "operators", "run_stage_locally", "RunError", "Progress", "SCHEMA"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from engine.records import Record
-from engine.stages.write import ShardWriter
+from engine.io.shards import ShardWriter
 
 ENTITIES = [
     {"phrase": "a tabby cat", "category": "cat", "parent_category": "animal"},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.atomic import TMP_MARK, atomic_write_bytes
-from engine.stages.write import clean_temporaries
+from engine.io.shards import clean_temporaries
 
 
 def test_data_files_are_written_with_the_umask_mode(tmp_path) -> None:

@@ -11,7 +11,8 @@ import pytest
 import webdataset as wds
 
 from engine.config import load_config
-from engine.io.readers import plan_units, read_unit
+from engine.io.plan import plan_units
+from engine.io.readers import read_unit
 from engine.runner import run_stage_locally
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from engine.prompts import load_prompt
 from engine.records import Record
 from engine.runner import stage_names
 from engine.stages.annotate import Annotate
-from engine.stages.write import ShardWriter
+from engine.io.shards import ShardWriter
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +108,16 @@ def test_dry_run_prints_the_plan_and_starts_nothing(demo_input, tmp_path, monkey
 
 def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     from engine.config import load_config
-    from engine.io.readers import plan_units
+    from engine.io.plan import make_plan, save_plan
+    from engine.io.storage import Location
     from engine.runner import measure_sample_bytes
 
     config = load_config("pipelines/smoke.yaml", ["write.shard_size=4"])
-    units = plan_units([str(demo_input)], shard_size=4)
+    saved = make_plan([str(demo_input)], shard_size=4)
+    units = saved.units
     out = tmp_path / "out"
     (out / "shards").mkdir(parents=True)
-    (out / "plan.json").write_text(json.dumps([asdict(u) for u in units]))
+    save_plan(Location(out), saved)
     (out / "shards" / "000001.stats.json").write_text(json.dumps({"unit": 1, "read": 4}))
     plan = plan_summary(config, [str(demo_input)], out)
     assert (plan["samples"], plan["units"], plan["complete"], plan["todo"]) == (12, 4, [1], 3)

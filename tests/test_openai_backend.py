@@ -30,7 +30,7 @@ from engine.retry import RetryPolicy, call_with_retries, parse_retry_after
 from engine.stages.base import InfrastructureError
 from engine.stages.extract import Extract
 from engine.stages.recaption import Recaption
-from engine.stages.write import ShardWriter
+from engine.io.shards import ShardWriter
 
 SECRET = "sk-test-7f3a9c1e55d04b2e"
 KEY_ENV = "GRANUCAP_TEST_OPENAI_KEY"
@@ -508,6 +508,9 @@ def test_extract_stage_rejects_invalid_json_and_normalises_valid_answers(server,
 
 def test_manifest_sums_usage_over_shards(server, tmp_path):
     from engine.config import config_from_dict
+    from engine.io.plan import Plan
+    from engine.io.shards import complete_units
+    from engine.io.storage import Location
     from engine.runner import write_manifest
 
     server.respond = extract_server
@@ -519,7 +522,8 @@ def test_manifest_sums_usage_over_shards(server, tmp_path):
     config = config_from_dict({"name": "t", "stages": {
         "extract": {"backend": "openai", "model": "m", "openai": {"base_url": server.url, "api_key_env": KEY_ENV}},
         "ground": {"model": "tiny:grounding-dino"}}})
-    manifest = write_manifest(tmp_path, config, units=[], inputs=[])
+    plan = Plan(shard_size=2, inputs=[], files=[])
+    manifest = write_manifest(Location(tmp_path), config, plan, complete_units(tmp_path))
     assert manifest["usage"] == {"extract": {"completion_tokens": 69, "prompt_tokens": 380, "requests": 7}}
     text = (tmp_path / "manifest.json").read_text()
     assert KEY_ENV in text and SECRET not in text  # the variable's name is config, its value never

@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from engine.io.readers import Unit, expand_inputs, plan_units, read_unit, sanitize_key
+from engine.io.inputs import Unit, expand_inputs
+from engine.io.plan import plan_units
+from engine.io.readers import read_unit, sanitize_key
 
 
 def _jpeg(i: int, size: tuple[int, int] = (32, 24)) -> bytes:

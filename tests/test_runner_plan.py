@@ -6,7 +6,7 @@ import pytest
 
 from engine.allocator import driver_malloc
 from engine.config import load_config
-from engine.io.readers import plan_units
+from engine.io.plan import plan_units
 from engine.runner import build_dataset
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def ray_session():
 
 def physical_plan(config, demo_input, capsys) -> list[str]:
     """The optimized physical plan's operators, upstream first."""
-    build_dataset(plan_units([str(demo_input)], shard_size=4), config).explain()
+    build_dataset(plan_units([str(demo_input)], shard_size=4), config, output="unused", claims=None).explain()
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     ops = [line.strip(" +-") for line in plan.splitlines() if "Operator[" in line or "Buffer[" in line]
     return ops[::-1]
@@ -64,14 +64,15 @@ def test_read_tasks_yield_decoded_blocks_of_decode_batch_size(demo_input):
 
 def test_filter_runs_inside_the_ground_actors(ray_session, demo_input, capsys):
     ops = physical_plan(load_config("pipelines/smoke.yaml", GLIP), demo_input, capsys)
-    # read + decode + passthrough recaption, extract (nltk actor), ground + filter: no task operator after ground
-    assert ops[-1] == "ActorPoolMapOperator[MapBatches(_StageActor)]"
+    # read + decode + passthrough recaption, extract (nltk actor), ground + filter, then the write tasks: no
+    # task operator between ground and write
+    assert ops[-2:] == ["ActorPoolMapOperator[MapBatches(_StageActor)]", "TaskPoolMapOperator[MapBatches(_write_units)]"]
     assert [op.split("[")[0] for op in ops[1:]] == ["TaskPoolMapOperator", "ActorPoolMapOperator",
-                                                    "ActorPoolMapOperator"]
+                                                    "ActorPoolMapOperator", "TaskPoolMapOperator"]
 
 
 def test_dataset_segments_are_consecutive_whole_units_within_the_limit():
-    from engine.io.readers import Unit
+    from engine.io.inputs import Unit
     from engine.runner import dataset_segments
 
     units = [Unit(index=i, kind="tar", path="x.tar", start=0, stop=size) for i, size in enumerate([4, 4, 9, 1, 2])]
@@ -147,7 +148,7 @@ def test_input_that_cannot_be_read_is_sized_from_its_rejected_rows_or_not_at_all
     # what the blocks would hold: a few hundred bytes each, no image
     assert 0 < runner.measure_sample_bytes(units, config) < 1024
     # reading itself fails: no size, a warning, and the budget takes DECODED_SAMPLE_KB
-    def broken(unit):
+    def broken(unit, options=None):
         raise OSError("the disk went away")
         yield
 
@@ -169,11 +170,12 @@ def test_build_dataset_holds_waiting_blocks_to_the_budget_of_the_measured_size(r
     budget = lambda: ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_dataset(units, config, sample_bytes=10**7)  # 3 workers x 8 units x 4 samples x 10 MB
+        build_dataset(units, config, sample_bytes=10**7, output="unused", claims=None)  # 3 workers x 8 x 4 x 10 MB
     assert budget() == data_memory_budget(config, 10**7) == 96 * 10**7
     # the retry settings Ray 2.60 takes only as remote args do not warn a user on every run
     assert not [w for w in caught if "ray_remote_args" in str(w.message)], [str(w.message) for w in caught]
-    build_dataset(units, load_config("pipelines/smoke.yaml", GLIP + ["ray.data_memory_mb=48"]), sample_bytes=10**7)
+    build_dataset(units, load_config("pipelines/smoke.yaml", GLIP + ["ray.data_memory_mb=48"]), sample_bytes=10**7,
+                  output="unused", claims=None)
     assert budget() == 48 * 2**20
 
 
@@ -187,10 +189,10 @@ def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session,
     built, budgets, sizes = [], [], []
     real_build = runner.build_dataset
 
-    def spy(units, config, sample_bytes=None):
+    def spy(units, config, sample_bytes=None, **kwargs):
         built.append([u.index for u in units])
         sizes.append(sample_bytes)
-        dataset = real_build(units, config, sample_bytes)
+        dataset = real_build(units, config, sample_bytes, **kwargs)
         budgets.append(ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory)
         return dataset
 

@@ -78,6 +78,9 @@ def test_concept_dictionary_skips_rejected_samples(tmp_path):
                                            type=pa.list_(entity))})
     pq.write_table(table, tmp_path / "index" / "000000.parquet")
     pq.write_table(table, tmp_path / "index" / "000001.parquet.tmp-abc")  # a killed write: ignored
+    pq.write_table(table, tmp_path / "index" / "000002.parquet")  # its unit has no marker yet: ignored
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000000.stats.json").write_text("{}")
     dictionary = ConceptDictionary.from_run(tmp_path)
     assert dictionary.counts == {"dog": 3, "a dog": 1}
 
@@ -347,7 +350,7 @@ def test_selftrain_chains_student_into_next_teacher(tmp_path, monkeypatch):
         return {"counts": {"read": 1, "ok": 1}}
 
     def fake_train(*, shards, out, config):
-        calls.append(("train", config.model.init, Path(shards), Path(out)))
+        calls.append(("train", config.model.init, Path(shards.uri), Path(out)))
         return {"steps": config.steps}
 
     monkeypatch.setattr(engine.runner, "run", fake_run)

@@ -11,7 +11,7 @@ from PIL import Image
 from engine.records import INDEX_SCHEMA, Record
 import numpy as np
 
-from engine.stages.write import KeyRegistry, ShardWriter, clean_temporaries, completed_keys, completed_units, tar_key
+from engine.io.shards import KeyRegistry, ShardWriter, clean_temporaries, completed_keys, complete_units, tar_key
 
 
 def jpeg(color=(200, 10, 10)):
@@ -57,7 +57,7 @@ def test_unit_written_only_when_complete_and_read_back(tmp_path):
     rows = table.to_pylist()
     assert [r["key"] for r in rows] == ["a", "b", "c.with.dots"]
     assert rows[2]["status"] == "rejected" and rows[2]["error"]["kind"] == "undecodable_image"
-    assert set(completed_units(tmp_path)) == {0, 1}
+    assert set(complete_units(tmp_path)) == {0, 1}
 
 
 def test_same_records_give_byte_identical_shards(tmp_path):
@@ -73,14 +73,14 @@ def test_duplicate_positions_and_unplanned_units_are_errors(tmp_path):
         writer([make(5, 0, "x")])
     with pytest.raises(ValueError, match="positions"):
         writer([make(0, 0, "a"), make(0, 0, "a")])
-    assert completed_units(tmp_path) == {}
+    assert complete_units(tmp_path) == {}
 
 
 def test_temporaries_are_cleaned_and_never_count_as_done(tmp_path):
     ShardWriter(tmp_path, expected={0: 1})([make(0, 0, "a")])
     (tmp_path / "shards" / "000001.tar.tmp-deadbeef").write_bytes(b"partial")
     (tmp_path / "shards" / "000001.stats.json.tmp-deadbeef").write_text("{}")
-    assert set(completed_units(tmp_path)) == {0}
+    assert set(complete_units(tmp_path)) == {0}
     assert clean_temporaries(tmp_path) == 2
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["000000.stats.json", "000000.tar"]
 
@@ -107,7 +107,7 @@ def test_repeated_keys_are_renamed_in_plan_order_and_nothing_is_dropped(tmp_path
     assert [s["__key__"] for s in samples] == ["a", "a-dup1", "b"]
 
 
-def test_a_resumed_writer_knows_the_keys_of_completed_units(tmp_path):
+def test_a_resumed_writer_knows_the_keys_of_complete_units(tmp_path):
     ShardWriter(tmp_path, expected={0: 1})([make(0, 0, "a")])
     resumed = ShardWriter(tmp_path, expected={1: 1}, seen_keys=completed_keys(tmp_path, [0]))
     resumed([make(1, 0, "a")])

@@ -1,4 +1,5 @@
-"""`granucap export FORMAT RUN_DIR DEST`: write a finished run in another tool's format."""
+"""`granucap export FORMAT RUN DEST`: write a finished run (a folder or a URI) in another tool's format to the
+local folder DEST."""
 
 from __future__ import annotations
 
@@ -19,6 +20,6 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("export", help="export a run to another format (" + ", ".join(sorted(EXPORTERS)) + ")")
     p.add_argument("format", choices=sorted(EXPORTERS) or None, help="target format")
-    p.add_argument("run_dir", help="a granucap run directory (has manifest.json)")
-    p.add_argument("dest", help="where to write the export")
+    p.add_argument("run_dir", help="a granucap run (has manifest.json): a folder or a URI (s3://bucket/run, ...)")
+    p.add_argument("dest", help="the local folder to write the export to")
     p.set_defaults(func=cmd_export)

@@ -1,5 +1,5 @@
-"""`granucap inspect RUN_DIR [--html DEST] [--json]`: a run's summary as tables, JSON or a static page.
-Also prints the plan of `granucap run --dry-run` (`show_plan`)."""
+"""`granucap inspect RUN [--html DEST] [--json]`: a run's summary as tables, JSON or a static page; RUN is
+a folder or a URI (s3://..., gs://...). Also prints the plan of `granucap run --dry-run` (`show_plan`)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,15 @@ def console():
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-
+    from engine.io.shards import open_run
     from engine.inspect import summarize, write_html
 
-    summary = summarize(args.run_dir, top=args.top)
+    run = open_run(args.run_dir)  # one reachability check, shared by the summary and the page
+    summary = summarize(run, top=args.top)
     if summary["samples"] == 0 and not summary["units"]:
         raise FileNotFoundError(f"{args.run_dir}: no complete shards and no manifest.json; is it a granucap run?")
     if args.html:
-        summary["html"] = str(write_html(args.run_dir, args.html, gallery=args.gallery, summary=summary))
+        summary["html"] = str(write_html(run, args.html, gallery=args.gallery, summary=summary))
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -119,7 +120,7 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
 
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="summarise a run (tables), optionally as a static HTML page with a gallery")
-    p.add_argument("run_dir", help="a granucap run directory")
+    p.add_argument("run_dir", help="a granucap run: a folder or a URI (s3://bucket/run, gs://...)")
     p.add_argument("--html", metavar="DEST", default=None, help="write DEST/index.html with plots and a gallery")
     p.add_argument("--gallery", type=int, default=24, help="images in the HTML gallery (default 24)")
     p.add_argument("--top", type=int, default=15, help="rows in the reason and category tables")

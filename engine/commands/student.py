@@ -45,7 +45,7 @@ def cmd_selftrain(args: argparse.Namespace) -> int:
 
     pipeline = load_config(args.pipeline, args.set)
     rounds = self_train(pipeline, inputs=args.input, output=args.output, rounds=args.rounds,
-                        train_config=_train_config(args), ray_address=args.ray_address)
+                        train_config=_train_config(args), ray_address=args.ray_address, students=args.students)
     print(json.dumps(rounds, indent=1))
     return 0
 
@@ -71,16 +71,17 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train the student detector on GranuCap shards (resumes from OUT)")
-    p.add_argument("--shards", required=True, help="a granucap run directory")
-    p.add_argument("--out", required=True, help="checkpoint directory; rerun the same command to resume")
+    p.add_argument("--shards", required=True, help="a granucap run: a folder or a URI (s3://bucket/run, ...)")
+    p.add_argument("--out", required=True, help="local checkpoint directory; rerun the same command to resume")
     _training_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="COCO box AP of one or more detectors, prompted with the category names")
     p.add_argument("--model", action="append", required=True,
                    help="checkpoint dir, hub id or tiny:NAME; repeat to compare (teacher vs student)")
-    p.add_argument("--coco", required=True, help="COCO-format annotations JSON")
-    p.add_argument("--images", required=True, help="folder the annotations' file_name values are relative to")
+    p.add_argument("--coco", required=True, help="COCO-format annotations JSON (a path or a URI)")
+    p.add_argument("--images", required=True,
+                   help="folder (or URI) the annotations' file_name values are relative to")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-dets", type=int, default=100, help="detections kept per image")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -93,7 +94,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("selftrain", help="GLIP self-training: teacher -> shards -> student -> next teacher")
     p.add_argument("pipeline", help="pipeline YAML whose stages.ground.model is the first teacher")
     p.add_argument("--input", "-i", action="append", required=True)
-    p.add_argument("--output", "-o", required=True, help="round-N/data and round-N/student go here")
+    p.add_argument("--output", "-o", required=True,
+                   help="round-N/data (and, unless --students, round-N/student) go here; a folder or a URI")
+    p.add_argument("--students", default=None,
+                   help="local folder for round-N/student (default: --output; needed when --output is a URI)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a pipeline value")
     p.add_argument("--ray-address", default=None)

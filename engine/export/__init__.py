@@ -1,7 +1,8 @@
-"""Exporters from a finished run directory to other tools' formats, one module each.
+"""Exporters from a finished run to other tools' formats, one module each.
 
-An exporter is a function `export(run_dir: Path, dest: Path, **options) -> dict` (a summary: files written,
-counts) registered here by format name; `granucap export FORMAT RUN_DIR DEST` dispatches on the name.
+An exporter is a function `export(run: Location, dest: Path, **options) -> dict` (a summary: files written,
+counts) registered here by format name; `granucap export FORMAT RUN DEST` dispatches on the name. The run
+is a local folder or a URI of any fsspec filesystem (engine/io/storage.py); DEST is a local folder.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from engine.io.shards import open_run
+from engine.io.storage import Location, basename
 
 # format -> "module:function"; modules are imported only when their format is asked for.
 EXPORTERS: dict[str, str] = {
@@ -21,23 +25,17 @@ EXPORTERS: dict[str, str] = {
 }
 
 
-def complete_shards(run_dir: str | Path) -> list[Path]:
-    """The run's finished shard tars (their stats marker exists), in shard order."""
-    shards = Path(run_dir) / "shards"
-    return [p for p in sorted(shards.glob("[0-9]*.tar")) if (shards / f"{p.stem}.stats.json").is_file()]
+def run_name(run: Location) -> str:
+    """The run folder's last path part (for titles)."""
+    return basename(run.uri) if run.remote else Path(run.uri).name
 
 
-def iter_run_samples(run_dir: str | Path) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """Stream (record json, jpeg bytes) for every ok sample of a run, shard by shard, with webdataset."""
-    import json
+def iter_run_samples(run: str | Path | Location) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """Stream (record json, jpeg bytes) for every ok sample of a run's complete units, shard by shard."""
+    from engine.export.common import iter_samples
 
-    import webdataset as wds
-
-    urls = [str(p) for p in complete_shards(run_dir)]
-    if not urls:
-        return
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        yield json.loads(sample["json"]), sample["jpg"]
+    for sample in iter_samples(run):
+        yield sample.record, sample.jpg
 
 
 def get_exporter(fmt: str) -> Callable[..., dict[str, Any]]:
@@ -47,8 +45,8 @@ def get_exporter(fmt: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), func)
 
 
-def export(fmt: str, run_dir: str | Path, dest: str | Path, **options: Any) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "manifest.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a granucap run directory (no manifest.json)")
-    return get_exporter(fmt)(run_dir, Path(dest), **options)
+def export(fmt: str, run: str | Path | Location, dest: str | Path, **options: Any) -> dict[str, Any]:
+    location = open_run(run)
+    if not location.exists("manifest.json"):
+        raise FileNotFoundError(f"{location.uri} is not a granucap run directory (no manifest.json)")
+    return get_exporter(fmt)(location, Path(dest), **options)

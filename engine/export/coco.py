@@ -15,23 +15,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.export import run_name
 from engine.export.common import PartFile, assemble_json, category_vocabulary, clip_box, iter_samples, write_image
+from engine.io.storage import Location
 
 log = logging.getLogger(__name__)
 
 ANNOTATIONS = "annotations.json"
 
 
-def export_coco(run_dir: Path, dest: Path, *, write_images: bool = True) -> dict[str, Any]:
+def export_coco(run: Location, dest: Path, *, write_images: bool = True) -> dict[str, Any]:
     """Write the run's ok samples as a COCO detection dataset; returns a summary."""
     dest.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    vocab = category_vocabulary(run_dir)
+    manifest = run.read_json("manifest.json")
+    vocab = category_vocabulary(run)
     cat_ids = {name: i + 1 for i, name in enumerate(vocab.names)}
     target = dest / ANNOTATIONS
     images, annotations = PartFile(target, "images"), PartFile(target, "annotations")
     dropped = 0
-    for image_id, sample in enumerate(iter_samples(run_dir), start=1):
+    for image_id, sample in enumerate(iter_samples(run), start=1):
         record = sample.record
         file_name = "images/" + sample.image_name()
         if write_images:
@@ -70,7 +72,7 @@ def export_coco(run_dir: Path, dest: Path, *, write_images: bool = True) -> dict
             )
     head = {
         "info": {
-            "description": f"granucap run {run_dir.name} (pipeline {manifest.get('pipeline')})",
+            "description": f"granucap run {run_name(run)} (pipeline {manifest.get('pipeline')})",
             "version": manifest.get("format", ""),
             "date_created": time.strftime("%Y-%m-%d"),
             "contributor": "granucap",

@@ -3,7 +3,8 @@ and clipping boxes to their image.
 
 Everything streams: samples come shard by shard through webdataset, the vocabulary is counted from the
 parquet index (no image bytes), and a large output file (COCO json, Label Studio tasks) is assembled from
-temporary parts, so memory does not grow with the corpus.
+temporary parts, so memory does not grow with the corpus. The run may be local or on any fsspec filesystem;
+only its complete units are read (`engine.io.shards.complete_unit_ids`: their marker exists).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import IO, Any, Iterator
 
 import pyarrow.parquet as pq
 
-from engine.export import complete_shards
+from engine.io.shards import open_run
+from engine.io.shards import complete_unit_ids, read_shard, shard_files, shard_name
+from engine.io.storage import Location
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +39,26 @@ class Sample:
         return f"{self.shard}/{self.stem}.{ext}"
 
 
-def iter_samples(run_dir: str | Path) -> Iterator[Sample]:
-    """Every ok sample of the complete shards, in shard order, read with webdataset."""
-    import webdataset as wds
+def iter_samples(run: str | Path | Location) -> Iterator[Sample]:
+    """Every ok sample of the complete units, in unit order, read with webdataset's tar reader."""
+    location = open_run(run)
+    for unit in complete_unit_ids(location):
+        for item in read_shard(location, unit):
+            yield Sample(shard_name(unit), item["__key__"], json.loads(item["json"]), item["jpg"])
 
-    for path in complete_shards(run_dir):
-        for item in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
-            yield Sample(path.stem, item["__key__"], json.loads(item["json"]), item["jpg"])
+
+def index_files(run: str | Path | Location) -> list[str]:
+    """The index parts of the complete units, relative to the run (the marker is written after both)."""
+    return [shard_files(unit)[1] for unit in complete_unit_ids(open_run(run))]
 
 
-def index_files(run_dir: str | Path) -> list[Path]:
-    """The index parts of the complete shards (the stats marker is written after both)."""
-    index = Path(run_dir) / "index"
-    return [index / f"{p.stem}.parquet" for p in complete_shards(run_dir) if (index / f"{p.stem}.parquet").is_file()]
+def iter_index_rows(run: str | Path | Location, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """The rows of the complete units' index parts, `columns` only, read a batch at a time."""
+    location = open_run(run)
+    for rel in index_files(location):
+        with location.open(rel) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=1024):
+                yield from batch.to_pylist()
 
 
 @dataclass(slots=True)
@@ -63,21 +73,19 @@ class Vocabulary:
         return {name: i for i, name in enumerate(self.names)}
 
 
-def category_vocabulary(run_dir: str | Path) -> Vocabulary:
+def category_vocabulary(run: str | Path | Location) -> Vocabulary:
     """Count categories from the parquet index, batch by batch (no images are read)."""
     boxes: Counter = Counter()
     parent_votes: dict[str, Counter] = {}
-    for path in index_files(run_dir):
-        for batch in pq.ParquetFile(path).iter_batches(columns=["status", "entities", "boxes"], batch_size=1024):
-            for row in batch.to_pylist():
-                if row["status"] != "ok":
-                    continue
-                entities = row["entities"] or []
-                for box in row["boxes"] or []:
-                    entity = entities[box["entity"]]
-                    name = entity["category"]
-                    boxes[name] += 1
-                    parent_votes.setdefault(name, Counter())[entity.get("parent_category") or ""] += 1
+    for row in iter_index_rows(run, ["status", "entities", "boxes"]):
+        if row["status"] != "ok":
+            continue
+        entities = row["entities"] or []
+        for box in row["boxes"] or []:
+            entity = entities[box["entity"]]
+            name = entity["category"]
+            boxes[name] += 1
+            parent_votes.setdefault(name, Counter())[entity.get("parent_category") or ""] += 1
     names = sorted(boxes)
     parents = {n: min(parent_votes[n].items(), key=lambda kv: (-kv[1], kv[0]))[0] for n in names}
     return Vocabulary(names=names, parents=parents, boxes=boxes)

@@ -20,7 +20,8 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from engine.export.common import PartFile, assemble_json, category_vocabulary, clip_box, iter_samples, write_image
-from engine.stages.write import atomic_write_bytes
+from engine.atomic import atomic_write_bytes
+from engine.io.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,14 @@ def rectangle(box_id: str, xyxy: tuple[float, float, float, float], width: int, 
     }
 
 
-def export_labelstudio(run_dir: Path, dest: Path, *, image_url_prefix: str = DEFAULT_URL_PREFIX) -> dict[str, Any]:
+def export_labelstudio(run: Location, dest: Path, *, image_url_prefix: str = DEFAULT_URL_PREFIX) -> dict[str, Any]:
     """Write tasks.json with one prediction per image, label_config.xml and the images."""
     dest.mkdir(parents=True, exist_ok=True)
-    vocab = category_vocabulary(run_dir)
+    vocab = category_vocabulary(run)
     target = dest / "tasks.json"
     tasks = PartFile(target, "tasks")
     boxes = dropped = 0
-    for sample in iter_samples(run_dir):
+    for sample in iter_samples(run):
         record = sample.record
         w, h = record["width"], record["height"]
         rel = "images/" + sample.image_name()

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.export.common import category_vocabulary, clip_box, iter_samples, write_image
-from engine.stages.write import atomic_write_bytes
+from engine.atomic import atomic_write_bytes
+from engine.io.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,15 @@ def grounding_caption(record: dict[str, Any], phrases: list[str]) -> tuple[str, 
     return caption, spans
 
 
-def _export(run_dir: Path, dest: Path, *, variant: str, write_images: bool) -> dict[str, Any]:
+def _export(run: Location, dest: Path, *, variant: str, write_images: bool) -> dict[str, Any]:
     dest.mkdir(parents=True, exist_ok=True)
-    vocab = category_vocabulary(run_dir)
+    vocab = category_vocabulary(run)
     labels = vocab.index()
     target = dest / JSONL
     tmp = target.with_name(f"{target.name}.tmp")
     lines = boxes = dropped = 0
     with open(tmp, "w", encoding="utf-8") as out:
-        for sample in iter_samples(run_dir):
+        for sample in iter_samples(run):
             record = sample.record
             filename = "images/" + sample.image_name()
             if write_images:
@@ -102,11 +103,11 @@ def _export(run_dir: Path, dest: Path, *, variant: str, write_images: bool) -> d
     return summary
 
 
-def export_odvg(run_dir: Path, dest: Path, *, write_images: bool = True) -> dict[str, Any]:
+def export_odvg(run: Location, dest: Path, *, write_images: bool = True) -> dict[str, Any]:
     """ODVG detection variant: jsonl + label_map.json."""
-    return _export(run_dir, dest, variant="detection", write_images=write_images)
+    return _export(run, dest, variant="detection", write_images=write_images)
 
 
-def export_odvg_grounding(run_dir: Path, dest: Path, *, write_images: bool = True) -> dict[str, Any]:
+def export_odvg_grounding(run: Location, dest: Path, *, write_images: bool = True) -> dict[str, Any]:
     """ODVG grounding variant: caption + regions with phrase and tokens_positive."""
-    return _export(run_dir, dest, variant="grounding", write_images=write_images)
+    return _export(run, dest, variant="grounding", write_images=write_images)

@@ -14,10 +14,12 @@ from typing import Any
 
 from engine.export import iter_run_samples
 from engine.prompts import load_prompt
-from engine.stages.write import atomic_write_bytes, tar_key
+from engine.atomic import atomic_write_bytes
+from engine.io.shards import tar_key
+from engine.io.storage import Location
 
 
-def export(run_dir: Path, dest: Path, *, prompt: str = "annotate", min_entities: int = 1) -> dict[str, Any]:
+def export(run: Location, dest: Path, *, prompt: str = "annotate", min_entities: int = 1) -> dict[str, Any]:
     template = load_prompt(prompt)
     images = dest / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -27,7 +29,7 @@ def export(run_dir: Path, dest: Path, *, prompt: str = "annotate", min_entities:
     seen: set[str] = set()
     with open(tmp, "w", encoding="utf-8") as out:  # streamed: one conversation at a time
         out.write("[\n")
-        for record, jpeg in iter_run_samples(run_dir):
+        for record, jpeg in iter_run_samples(run):
             entities = [
                 {k: e[k] for k in ("phrase", "category", "parent_category")} for e in record.get("entities") or []
             ]
@@ -58,7 +60,7 @@ def export(run_dir: Path, dest: Path, *, prompt: str = "annotate", min_entities:
         "skipped_few_entities": skipped,
         "prompt_id": template.id,
         "prompt_sha256": template.sha256,
-        "run": str(run_dir),
+        "run": run.uri,
     }
     atomic_write_bytes(dest / "sft_manifest.json", json.dumps(summary, indent=2).encode())
     return summary

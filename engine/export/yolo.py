@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from engine.export.common import category_vocabulary, clip_box, iter_samples, write_image
-from engine.stages.write import atomic_write_bytes
+from engine.atomic import atomic_write_bytes
+from engine.io.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,13 @@ def label_line(cls: int, xyxy: tuple[float, float, float, float], width: int, he
     return f"{cls} {cx:.6f} {cy:.6f} {(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}"
 
 
-def export_yolo(run_dir: Path, dest: Path) -> dict[str, Any]:
+def export_yolo(run: Location, dest: Path) -> dict[str, Any]:
     """Write images, one label file per image, data.yaml and classes.txt; returns a summary."""
     dest.mkdir(parents=True, exist_ok=True)
-    vocab = category_vocabulary(run_dir)
+    vocab = category_vocabulary(run)
     classes = vocab.index()
     images = boxes = dropped = 0
-    for sample in iter_samples(run_dir):
+    for sample in iter_samples(run):
         record = sample.record
         w, h = record["width"], record["height"]
         lines = []

@@ -1,16 +1,7 @@
-"""Streamed readers of the three input kinds, cut into deterministic work units.
+"""Streamed readers of the three input kinds: one work unit in, its records out; and sample counts per file.
 
-Inputs (`expand_inputs`): each input is a file, a directory or a glob.
-  * `*.tar`, `*.tar.gz`, `*.tgz` -> "webdataset"; `*.parquet` -> "parquet"; a `*.jsonl` file or a directory
-    holding `captions.jsonl` -> "folder" (the path is the jsonl file).
-  * Any other directory is searched recursively (os.walk, symlinked directories not followed) for those files;
-    a directory that holds `captions.jsonl` is a folder input and is not searched further.
-  * A glob skips matched files of unknown kind; a file named explicitly must be of a known kind.
-  * Pairs are deduplicated and sorted by path. Nothing found (or a missing path) -> ValueError.
-
-Units (`plan_units`): every file's samples are counted cheaply (tar: member headers only, parquet: footer
-metadata, jsonl: non-empty lines) and cut into runs of at most `shard_size` samples. Unit `index` is global
-(0..N-1 in file order) and is also the output shard number. Same inputs -> same plan.
+Inputs and units: engine/io/inputs.py; the plan: engine/io/plan.py. Files are local paths or URIs of any
+fsspec filesystem (engine/io/storage.py); both read the same way.
 
 Reading (`read_unit`) yields exactly `stop - start` records, positions 0..n-1, in order. Nothing is ever
 extracted to disk, nor a whole file read into memory. Rules:
@@ -50,7 +41,6 @@ extracted to disk, nor a whole file read into memory. Rules:
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -58,108 +48,20 @@ import posixpath
 import tarfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from typing import Any, Mapping
 
+from engine.io import storage
+from engine.io.inputs import FOLDER_JSONL, KINDS, Unit
 from engine.records import Record
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("webdataset", "parquet", "folder")
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-FOLDER_JSONL = "captions.jsonl"
-_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _PARQUET_BATCH_ROWS = 64
 MAX_MEMBER_BYTES = 512 * 1024 * 1024  # a larger tar member makes its sample a "member_too_large" row
 # Errors that mean "the tar stream is broken" rather than a bug.
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
-
-
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """Samples [start, stop) of one input file in reading order; `index` is also the output shard number."""
-
-    index: int
-    kind: str
-    path: str
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-
-def _kind_of_file(path: str) -> str | None:
-    name = os.path.basename(path).lower()
-    if name.endswith(_TAR_SUFFIXES):
-        return "webdataset"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(".jsonl"):
-        return "folder"
-    return None
-
-
-def _search_dir(root: str) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        if FOLDER_JSONL in filenames:
-            found.append(("folder", os.path.join(dirpath, FOLDER_JSONL)))
-            dirnames[:] = []  # a folder input owns its subdirectories (images may live there)
-            continue
-        for name in sorted(filenames):
-            kind = _kind_of_file(name)
-            if kind in ("webdataset", "parquet"):
-                found.append((kind, os.path.join(dirpath, name)))
-    return found
-
-
-def _classify(path: str) -> list[tuple[str, str]]:
-    if os.path.isdir(path):
-        jsonl = os.path.join(path, FOLDER_JSONL)
-        if os.path.isfile(jsonl):
-            return [("folder", jsonl)]
-        return _search_dir(path)
-    kind = _kind_of_file(path)
-    if kind is None:
-        raise ValueError(
-            f"input {path!r}: unknown kind (expected .tar/.tar.gz/.tgz, .parquet, .jsonl or a directory)"
-        )
-    return [(kind, path)]
-
-
-def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
-    """Resolve files, directories and globs to sorted, deduplicated (kind, path) pairs."""
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    pairs: dict[str, str] = {}
-    for item in inputs:
-        item = os.fspath(item)
-        if os.path.exists(item):
-            matches = [item]
-        elif glob.has_magic(item):
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise ValueError(f"input glob {item!r} matches nothing")
-        else:
-            raise ValueError(f"input {item!r} does not exist")
-        for match in matches:
-            if not os.path.isdir(match) and _kind_of_file(match) is None and glob.has_magic(item):
-                continue  # a glob may match unrelated files; a file named explicitly must be known
-            for kind, path in _classify(match):
-                pairs.setdefault(path, kind)
-    if not pairs:
-        raise ValueError(
-            f"no input found in {list(inputs)!r}: expected webdataset tars (.tar/.tar.gz/.tgz), "
-            f"parquet files, or a folder with {FOLDER_JSONL}"
-        )
-    return [(kind, path) for path, kind in sorted(pairs.items())]
 
 
 # ---------------------------------------------------------------------------------------------- tar
@@ -181,8 +83,35 @@ def sanitize_key(raw: str) -> str:
     return "/".join(parts)
 
 
-def _open_tar(path: str) -> tarfile.TarFile:
-    return tarfile.open(path, mode="r:*")
+Options = Mapping[str, Any] | None  # the pipeline's storage_options
+
+
+@contextmanager
+def open_input(path: str, options: Options = None, **kwargs: Any):
+    """A binary file object of an input file, local or on any fsspec filesystem (random access: on an object
+    store a seek is a ranged read)."""
+    if storage.is_remote(path):
+        fs, inner = storage.filesystem(path, options)
+        with fs.open(inner, "rb", **kwargs) as f:
+            yield f
+    else:
+        with open(storage.local_path(path), "rb") as f:
+            yield f
+
+
+def read_bytes(path: str, options: Options = None) -> bytes:
+    """A small file's bytes in one request (on an object store, a GET without the HEAD that opening costs)."""
+    if storage.is_remote(path):
+        fs, inner = storage.filesystem(path, options)
+        return fs.cat_file(inner)
+    with open(storage.local_path(path), "rb") as f:
+        return f.read()
+
+
+@contextmanager
+def _open_tar(path: str, options: Options = None):
+    with open_input(path, options) as f, tarfile.open(fileobj=f, mode="r:*") as tf:
+        yield tf
 
 
 def _iter_members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -195,12 +124,12 @@ def _iter_members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def count_tar(path: str) -> int:
+def count_tar(path: str, options: Options = None) -> int:
     """Number of samples in a tar, reading member headers only; -1 when it cannot be read at all."""
     n = 0
     key: str | None = None
     try:
-        with _open_tar(path) as tf:
+        with _open_tar(path, options) as tf:
             for member in _iter_members(tf):
                 split = None if member.isdir() else _split_name(member.name)
                 if split is not None and split[0] != key:
@@ -246,7 +175,7 @@ def _tar_record(unit: Unit, position: int, stem: str, group: _Group) -> Record:
     meta: dict[str, Any] = {}
     if key != raw_key:
         meta["original_key"] = raw_key
-    record = Record(key=key, source=unit.path, unit=unit.index, position=position)
+    record = Record(key=key, source=unit.source or unit.path, unit=unit.index, position=position)
     bad = [m for m in group.members if _unsafe(m)]
     if bad:
         meta["unsafe_members"] = [m.name for m in bad]
@@ -304,14 +233,14 @@ def _member_type(m: tarfile.TarInfo) -> str:
     return f"type {m.type!r}"
 
 
-def _read_tar(unit: Unit) -> Iterator[Record]:
+def _read_tar(unit: Unit, options: Options = None) -> Iterator[Record]:
     # Member data is read as soon as its header is seen (never seeking back: .tar.gz stays a single pass).
     stem = _source_stem(unit.path)
     position = 0
     index = -1  # sample index in the file of `group`
     group: _Group | None = None
     try:
-        with _open_tar(unit.path) as tf:
+        with _open_tar(unit.path, options) as tf:
             for member in _iter_members(tf):
                 if member.isdir():
                     continue
@@ -325,7 +254,7 @@ def _read_tar(unit: Unit) -> Iterator[Record]:
                         position += 1
                     group = None
                     index += 1
-                    if index >= unit.stop:
+                    if index >= unit.stop and not unit.to_end:
                         break
                     group = _Group(raw_key)
                 group.members.append(member)
@@ -340,7 +269,7 @@ def _read_tar(unit: Unit) -> Iterator[Record]:
                     f = tf.extractfile(member)
                     assert f is not None
                     group.data[ext] = f.read()
-            if group is not None and unit.start <= index < unit.stop:
+            if group is not None and unit.start <= index and (index < unit.stop or unit.to_end):
                 yield _tar_record(unit, position, stem, group)
                 position += 1
     except _TAR_ERRORS as exc:
@@ -363,7 +292,7 @@ def _fill_corrupt(
         key = _derived_key(stem, unit.start + pos)
         if pos == position and pending is not None:
             key = sanitize_key(pending) or key
-        record = Record(key=key, source=unit.path, unit=unit.index, position=pos)
+        record = Record(key=key, source=unit.source or unit.path, unit=unit.index, position=pos)
         record.reject("read", "corrupt_input", message)
         yield record
 
@@ -371,14 +300,14 @@ def _fill_corrupt(
 # ---------------------------------------------------------------------------------------------- parquet
 
 
-def count_parquet(path: str) -> int:
+def count_parquet(path: str, options: Options = None) -> int:
     """Rows of a parquet file from its footer; -1 when it is not a readable parquet file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import pyarrow as pa
-
     try:
-        return pq.ParquetFile(path).metadata.num_rows
+        with open_input(path, options) as f:
+            return pq.ParquetFile(f).metadata.num_rows
     except (OSError, pa.ArrowException) as exc:
         log.warning("%s: not a readable parquet file (%s)", path, exc)
         return -1
@@ -395,10 +324,30 @@ def _resolve_local(base_dir: str, rel: str) -> tuple[str | None, str | None]:
     return full, None
 
 
-def _load_local(record: Record, base_dir: str, rel: Any) -> None:
-    """Read an image referenced by a relative path into the record, or reject it."""
+def _resolve_remote(base_dir: str, rel: str) -> tuple[str | None, str | None]:
+    """`_resolve_local` for a folder on an fsspec filesystem (no links there: the path itself must stay in)."""
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    if not rel or "://" in rel or posixpath.isabs(norm) or norm == ".." or norm.startswith("../"):
+        return None, "unsafe_path"
+    return f"{base_dir.rstrip('/')}/{norm}", None
+
+
+def _load_image(record: Record, base_dir: str, rel: Any, options: Options = None) -> None:
+    """Read an image referenced by a path relative to `base_dir` (the input file's folder) into the record,
+    or reject it."""
     if rel is None or not isinstance(rel, str) or not rel.strip():
         record.reject("read", "missing_image", "sample has neither image bytes nor a file path")
+        return
+    if storage.is_remote(base_dir):
+        full, problem = _resolve_remote(base_dir, rel)
+        if problem:
+            record.reject("read", problem, f"image path {rel!r} is absolute or leaves {base_dir!r}")
+            return
+        try:
+            fs, inner = storage.filesystem(full, options)  # type: ignore[arg-type]
+            record.image = fs.cat_file(inner)
+        except FileNotFoundError as exc:
+            record.reject("read", "missing_image", f"cannot read image {rel!r}: {exc}")
         return
     full, problem = _resolve_local(base_dir, rel)
     if problem:
@@ -421,19 +370,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _read_parquet(unit: Unit) -> Iterator[Record]:
+def _read_parquet(unit: Unit, options: Options = None) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     stem = _source_stem(unit.path)
-    try:
-        pf = pq.ParquetFile(unit.path)
-    except (OSError, pa.ArrowException) as exc:
-        yield from _fill_corrupt(unit, 0, stem, f"{type(exc).__name__}: {exc}", None)
-        return
+    with ExitStack() as stack:
+        try:
+            pf = pq.ParquetFile(stack.enter_context(open_input(unit.path, options)))
+        except (OSError, pa.ArrowException) as exc:
+            yield from _fill_corrupt(unit, 0, stem, f"{type(exc).__name__}: {exc}", None)
+            return
+        yield from _parquet_rows(unit, pf, stem, options)
+
+
+def _parquet_rows(unit: Unit, pf: Any, stem: str, options: Options) -> Iterator[Record]:
+    import pyarrow as pa
+
     schema = pf.schema_arrow
     names = schema.names
-    base_dir = os.path.dirname(unit.path) or "."
+    base_dir = storage.parent(unit.path)
     caption_col = "caption" if "caption" in names else ("text" if "text" in names else None)
     if "image" not in names and "path" not in names:
         log.warning("%s: no `image` or `path` column; every row is missing its image", unit.path)
@@ -468,7 +424,7 @@ def _read_parquet(unit: Unit) -> Iterator[Record]:
                     if row + i >= unit.stop:
                         break
                     yield _parquet_record(
-                        unit, position, stem, base_dir, values, caption_col, extras, row + i
+                        unit, position, stem, base_dir, values, caption_col, extras, row + i, options
                     )
                     position += 1
                 row += batch.num_rows
@@ -492,13 +448,16 @@ def _parquet_record(
     caption_col: str | None,
     extras: list[str],
     row: int,
+    options: Options = None,
 ) -> Record:
     meta: dict[str, Any] = {}
     raw_key = values.get("key")
     key = sanitize_key(str(raw_key)) if raw_key not in (None, "") else ""
     if raw_key not in (None, "") and key != str(raw_key):
         meta["original_key"] = str(raw_key)
-    record = Record(key=key or _derived_key(stem, row), source=unit.path, unit=unit.index, position=position)
+    record = Record(
+        key=key or _derived_key(stem, row), source=unit.source or unit.path, unit=unit.index, position=position
+    )
     caption = values.get(caption_col) if caption_col else None
     if isinstance(caption, bytes):
         caption = _decode_text(caption, meta, "caption")
@@ -520,7 +479,7 @@ def _parquet_record(
     elif isinstance(image, (bytes, bytearray)):
         record.image = b""  # zero bytes: decode rejects it with PIL's message
     else:
-        _load_local(record, base_dir, rel)
+        _load_image(record, base_dir, rel, options)
     if rel is not None:
         meta.setdefault("path", rel)
     record.meta = _dump_meta(meta)
@@ -530,22 +489,22 @@ def _parquet_record(
 # ---------------------------------------------------------------------------------------------- folder
 
 
-def count_jsonl(path: str) -> int:
+def count_jsonl(path: str, options: Options = None) -> int:
     """Non-empty lines of a jsonl file, streamed."""
     n = 0
-    with open(path, "rb") as f:
+    with open_input(path, options) as f:
         for line in f:
             if line.strip():
                 n += 1
     return n
 
 
-def _read_folder(unit: Unit) -> Iterator[Record]:
-    base_dir = os.path.dirname(unit.path) or "."
+def _read_folder(unit: Unit, options: Options = None) -> Iterator[Record]:
+    base_dir = storage.parent(unit.path)
     stem = _source_stem(unit.path)
     position = 0
     row = -1
-    with open(unit.path, "rb") as f:
+    with open_input(unit.path, options) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -554,16 +513,18 @@ def _read_folder(unit: Unit) -> Iterator[Record]:
                 continue
             if row >= unit.stop:
                 break
-            yield _folder_record(unit, position, stem, base_dir, line, row)
+            yield _folder_record(unit, position, stem, base_dir, line, row, options)
             position += 1
     if position < unit.size:
         yield from _fill_corrupt(unit, position, stem, "jsonl has fewer lines than planned", None)
 
 
-def _folder_record(unit: Unit, position: int, stem: str, base_dir: str, line: bytes, row: int) -> Record:
+def _folder_record(
+    unit: Unit, position: int, stem: str, base_dir: str, line: bytes, row: int, options: Options = None
+) -> Record:
     meta: dict[str, Any] = {}
     text = _decode_text(line, meta, "line")
-    record = Record(key=_derived_key(stem, row), source=unit.path, unit=unit.index, position=position)
+    record = Record(key=_derived_key(stem, row), source=unit.source or unit.path, unit=unit.index, position=position)
     try:
         obj = json.loads(text)
         if not isinstance(obj, dict):
@@ -587,22 +548,23 @@ def _folder_record(unit: Unit, position: int, stem: str, base_dir: str, line: by
     meta.update({k: _jsonable(v) for k, v in obj.items()})
     if file is not None:
         meta["file"] = file
-    _load_local(record, base_dir, file)
+    _load_image(record, base_dir, file, options)
     record.meta = _dump_meta(meta)
     return record
 
 
-# ---------------------------------------------------------------------------------------------- plan & read
+# ---------------------------------------------------------------------------------------------- read
 
 
 def _source_stem(path: str) -> str:
-    name = os.path.basename(path)
+    name = storage.basename(path)
     if name == FOLDER_JSONL:
-        return os.path.basename(os.path.dirname(os.path.abspath(path))) or "folder"
+        return storage.basename(storage.parent(path) if storage.is_remote(path) else os.path.abspath(
+            os.path.dirname(storage.local_path(path)) or ".")) or "folder"
     for suffix in (".tar.gz", ".tgz", ".tar", ".parquet", ".jsonl"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return Path(name).stem
+    return posixpath.splitext(name)[0]
 
 
 def _derived_key(stem: str, row: int) -> str:
@@ -613,52 +575,29 @@ def _dump_meta(meta: dict[str, Any]) -> str | None:
     return json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str) if meta else None
 
 
-def count_samples(kind: str, path: str) -> int:
-    """Samples in one input file, counted without reading image data (-1: unreadable file)."""
+def count_samples(kind: str, path: str, options: Options = None) -> int:
+    """Samples in one input file, counted without decoding anything (-1: unreadable file): a tar's member
+    headers (its data streams by), a parquet footer, a jsonl's non-empty lines."""
     if kind == "webdataset":
-        return count_tar(path)
+        return count_tar(path, options)
     if kind == "parquet":
-        return count_parquet(path)
+        return count_parquet(path, options)
     if kind == "folder":
-        return count_jsonl(path)
+        return count_jsonl(path, options)
     raise ValueError(f"unknown input kind {kind!r}")
 
 
-def plan_units(inputs: list[str], *, shard_size: int) -> list[Unit]:
-    """Cut every input file into units of at most `shard_size` samples, numbered 0..N-1 in file order."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    units: list[Unit] = []
-    for kind, path in expand_inputs(inputs):
-        n = count_samples(kind, path)
-        if n < 0:  # unreadable file: one placeholder sample that reads as a corrupt_input row
-            n = 1
-        if n == 0:
-            log.info("%s: no samples", path)
-        for start in range(0, n, shard_size):
-            units.append(Unit(len(units), kind, path, start, min(start + shard_size, n)))
-    log.info("planned %d units from %d inputs", len(units), len(inputs))
-    return units
-
-
-def read_unit(unit: Unit) -> Iterator[Record]:
-    """Yield exactly `unit.stop - unit.start` records of one unit, positions 0..n-1 in order."""
+def read_unit(unit: Unit, options: Options = None) -> Iterator[Record]:
+    """Yield the records of one unit, positions 0..n-1 in order: exactly `unit.size` of them, or (a `to_end`
+    unit) at least that many, the file's samples up to its end."""
     if unit.kind == "webdataset":
-        yield from _read_tar(unit)
+        yield from _read_tar(unit, options)
     elif unit.kind == "parquet":
-        yield from _read_parquet(unit)
+        yield from _read_parquet(unit, options)
     elif unit.kind == "folder":
-        yield from _read_folder(unit)
+        yield from _read_folder(unit, options)
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
-__all__ = [
-    "KINDS",
-    "Unit",
-    "count_samples",
-    "expand_inputs",
-    "plan_units",
-    "read_unit",
-    "sanitize_key",
-]
+__all__ = ["KINDS", "count_samples", "open_input", "read_bytes", "read_unit", "sanitize_key"]
