@@ -237,20 +237,19 @@ REPORT_SCHEMA = pa.schema([
     ("stats", pa.string()),  # the unit's marker, as written (an earlier attempt's, when it had written it)
     ("node", pa.string()),  # the Ray node that wrote it
     ("rows_bytes", pa.int64()),  # Arrow bytes of the unit's rows as the write task received them
-    ("rewritten", pa.bool_()),  # False: the marker was there already (a retried task), nothing written
 ])
 
 
 def _write_units(
-    batch: pa.Table, *, output: str, config_json: str, expected: dict[int, tuple[int, bool]], claims: Any
+    batch: pa.Table, *, output: str, storage_options: dict[str, Any], expected: dict[int, tuple[int, bool]],
+    claims: Any,
 ) -> pa.Table:
     """Write every unit of `batch` (whole units only: see the module docstring) to the output: shard, index
     part, marker; return one report row per unit."""
     import pyarrow.compute as pc
     import ray
 
-    config = PipelineConfig.model_validate_json(config_json)
-    location = Location(output, config.storage_options)
+    location = Location(output, storage_options)
     node = ray.get_runtime_context().get_node_id()
 
     def claim(unit: int, keys: list[str]) -> list[str]:
@@ -267,12 +266,11 @@ def _write_units(
             )
         marker = shard_files(unit)[2]
         if location.exists(marker):  # a retried task whose first attempt got as far as the marker
-            stats, rewritten = location.read_json(marker), False
+            stats = location.read_json(marker)
         else:
-            stats, rewritten = write_unit(location, unit, from_table(rows), claim, written_by=node).to_json(), True
+            stats = write_unit(location, unit, from_table(rows), claim, written_by=node).to_json()
             ray.get(claims.commit.remote(unit))
-        reports.append({"unit": unit, "stats": json.dumps(stats), "node": node, "rows_bytes": rows.nbytes,
-                        "rewritten": rewritten})
+        reports.append({"unit": unit, "stats": json.dumps(stats), "node": node, "rows_bytes": rows.nbytes})
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
 
 
@@ -505,7 +503,8 @@ def build_dataset(
         expected = {u.index: (u.size, u.to_end) for u in units}
         ds = ds.map_batches(
             _write_units,
-            fn_kwargs={"output": output, "config_json": config_json, "expected": expected, "claims": claims},
+            fn_kwargs={"output": output, "storage_options": config.storage_options, "expected": expected,
+                       "claims": claims},
             batch_size=None,  # whole blocks: whole units
             batch_format="pyarrow",
             num_cpus=config.write.num_cpus,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from engine.io import storage
 from engine.io.inputs import expand_inputs, source_names
-from engine.io.plan import cut_units, make_plan
+from engine.io.plan import make_plan
 from engine.io.readers import read_unit
 from engine.io.shards import KeyClaims, ShardWriter, complete_units, write_unit
 from engine.io.storage import Location, StorageError

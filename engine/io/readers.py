@@ -52,7 +52,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Mapping
 
 from engine.io import storage
-from engine.io.inputs import FOLDER_JSONL, KINDS, Unit
+from engine.io.inputs import FOLDER_JSONL, Unit
 from engine.records import Record
 
 log = logging.getLogger(__name__)
@@ -600,4 +600,4 @@ def read_unit(unit: Unit, options: Options = None) -> Iterator[Record]:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
-__all__ = ["KINDS", "count_samples", "open_input", "read_bytes", "read_unit", "sanitize_key"]
+__all__ = ["count_samples", "open_input", "read_bytes", "read_unit", "sanitize_key"]

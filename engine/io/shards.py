@@ -114,7 +114,7 @@ def _usage(params: str | None) -> dict[str, int]:
 class KeyRegistry:
     """The keys a run has used, kept as 128-bit BLAKE2b digests in sorted numpy arrays.
 
-    A Python set of key strings costs ≈ 100 bytes a key (4.6 GiB for a 50M-sample run, all in the driver);
+    A Python set of key strings costs ≈ 100 bytes a key (4.6 GiB for a 50M-sample run, all in one process);
     this costs 16, looked up a unit at a time with `np.searchsorted`. A digest is two uint64 words: runs are
     sorted by the first and searched on it, the second confirms a hit (a first word shared by two digests
     is checked exhaustively). The runs form a log-structured merge: each `add` appends a sorted run, and a
@@ -318,7 +318,6 @@ class ShardWriter:
         self.claims = KeyClaims(seen_keys)
         self.expected = dict(expected)  # unit -> number of samples it must receive
         self.pending: dict[int, list[Record]] = {}
-        self.written: list[UnitStats] = []
 
     def __call__(self, records: list[Record]) -> list[UnitStats]:
         """Add records; returns the stats of the units this call completed (and wrote)."""
@@ -329,9 +328,7 @@ class ShardWriter:
             bucket = self.pending.setdefault(record.unit, [])
             bucket.append(record)
             if len(bucket) == self.expected[record.unit]:
-                stats = write_unit(self.location, record.unit, self.pending.pop(record.unit), self._claim)
-                self.written.append(stats)
-                done.append(stats)
+                done.append(write_unit(self.location, record.unit, self.pending.pop(record.unit), self._claim))
         return done
 
     def _claim(self, unit: int, keys: list[str]) -> list[str]:

@@ -239,19 +239,11 @@ class Location:
         else:
             atomic_write_bytes(self.path(rel), data)
 
-    def write_json(self, rel: str, value: Any, indent: int | None = 1) -> None:
-        self.write_bytes(rel, json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8"))
-
     def remove(self, rel: str) -> None:
         try:
             self.fs.rm_file(self.path(rel))
         except FileNotFoundError:
             pass
-
-    def makedirs(self, rel: str = "") -> None:
-        """Create the folder (and its parents) on a local filesystem; object stores have no folders."""
-        if not self.remote:
-            os.makedirs(self.path(rel), exist_ok=True)
 
     def clean_temporaries(self, folders: tuple[str, ...] = ("shards", "index", "")) -> int:
         """Delete partial files a killed local write left behind (object stores leave none); returns how
