@@ -28,6 +28,19 @@ class Resources(_Strict):
     concurrency: int = Field(1, ge=1)  # actors (model stages) or max parallel tasks (CPU stages)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    # Ray custom resources per actor of a model stage, e.g. {accel_a100: 1} to pin it to nodes started with
+    # `ray start --resources='{"accel_a100": 4}'`; checked against the cluster before a run (engine/capacity.py)
+    custom: dict[str, float] = {}
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        if "CPU" in v or "GPU" in v:
+            raise ValueError("CPUs and GPUs are num_cpus and num_gpus, not custom resources")
+        negative = {k: q for k, q in v.items() if q < 0}
+        if negative:
+            raise ValueError(f"amounts must not be negative, got {negative}")
+        return v
 
 
 class DecodeSpec(_Strict):
@@ -224,6 +237,10 @@ class RaySpec(_Strict):
     # times than its restarts, an object that could not be reconstructed) is started again on the units that
     # have no marker yet, at most this many times in all; completed units are never redone.
     max_attempts: int = Field(3, ge=1)
+    # The cluster at `address` adds nodes when work waits (Ray's autoscaler, KubeRay): a plan that asks more
+    # than the cluster has when the run starts is then waited for, with a message, instead of refused.
+    # Ray has no public way to ask whether a cluster autoscales, so it is said here (engine/capacity.py).
+    autoscaling: bool = False
 
 
 class PipelineConfig(_Strict):

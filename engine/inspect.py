@@ -10,7 +10,9 @@
   resources, units, units already complete) without starting Ray.
 
 A run is a local folder or a URI of any fsspec filesystem (engine/io/storage.py); the page goes to a local
-folder. Only complete units are counted (`engine.io.shards.complete_unit_ids`).
+folder. Only complete units are counted (`engine.io.shards.complete_unit_ids`), and the summary and the
+page's header say how many of the planned units and samples those are (engine/io/completeness.py), so a
+page of an unfinished run cannot pass for one of the whole run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from engine.export import run_name
 from engine.io.shards import open_run
 from engine.export.common import iter_index_rows, iter_samples
+from engine.io.completeness import describe, run_completeness
 from engine.io.storage import Location
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,13 @@ BOX_COLOUR = (255, 0, 255)  # magenta: used for nothing else on the page, so a s
 TOP = 15
 
 
-def summarize(run: str | Path | Location, *, top: int = TOP) -> dict[str, Any]:
-    """Counts of one run from its index; `top` limits the reason and category lists."""
+def summarize(
+    run: str | Path | Location, *, top: int = TOP, completeness: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Counts of one run from its index; `top` limits the reason and category lists. `completeness`
+    (`run_completeness` of the run, computed here when not given) goes into the summary as it is."""
     run = open_run(run)
+    completeness = run_completeness(run) if completeness is None else completeness
     manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
     status: Counter = Counter()
     reasons: Counter = Counter()
@@ -66,6 +73,7 @@ def summarize(run: str | Path | Location, *, top: int = TOP) -> dict[str, Any]:
         "run_dir": run.uri,
         "pipeline": manifest.get("pipeline"),
         "status": manifest.get("status"),
+        "completeness": completeness,
         "dummy_models": bool(manifest.get("dummy_models")),
         "units": manifest.get("units", {}),
         "samples": sum(status.values()),
@@ -87,6 +95,18 @@ def summarize(run: str | Path | Location, *, top: int = TOP) -> dict[str, Any]:
         "parent_categories": len(parents),
         "top_parent_categories": parents.most_common(top),
     }
+
+
+def completeness_line(completeness: dict[str, Any], status: str | None = None) -> str:
+    """The sentence that heads the page and the tables: how much of the plan the counts cover."""
+    line = describe(completeness)
+    if completeness["complete"] is False:
+        line = f"Partial run: {line}; every count here covers those units only"
+    elif completeness["complete"] is None:
+        line = f"Completeness unknown: {line}"
+    else:
+        line = f"Complete run: {line}"
+    return line + (f"; manifest.json says {status!r}" if status else "") + "."
 
 
 # --- the HTML page ----------------------------------------------------------------------------------
@@ -159,6 +179,7 @@ figcaption {{ font-size: 11px; }}
 </style></head>
 <body>
 <h1>granucap run: {title}</h1>
+<p id="completeness"{partial_style}>{completeness}</p>
 {note}
 <table>{counts}</table>
 <h2>Reasons (rejected / failed)</h2>
@@ -221,8 +242,11 @@ def write_html(run: str | Path | Location, dest: str | Path, *, gallery: int = 2
         for k in ("pipeline", "samples", "ok", "rejected", "failed", "boxes", "categories", "parent_categories")
     ) + f"<tr><th>boxes per image (mean)</th><td>{summary['boxes_per_image']['mean']:.2f}</td></tr>"
     reasons = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>" for r, n in summary["reasons"]) or "<tr><td>none</td></tr>"
+    completeness = summary.get("completeness") or run_completeness(run)
     page = _PAGE.format(
         title=html.escape(str(summary.get("pipeline") or run_name(run))),
+        completeness=html.escape(completeness_line(completeness, summary.get("status"))),
+        partial_style=' style="color: #b00; font-weight: bold"' if completeness["complete"] is False else "",
         note="<p><b>Dummy (random-weight) models: boxes are random by design.</b></p>" if summary["dummy_models"] else "",
         counts=counts,
         reasons=reasons,
@@ -240,13 +264,20 @@ def write_html(run: str | Path | Location, dest: str | Path, *, gallery: int = 2
 # --- the plan of a run that has not started ------------------------------------------------------------
 
 
-def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: str | None = None) -> dict[str, Any]:
-    """What `granucap run` would do, from the config and a cheap count of the inputs; starts nothing."""
+def plan_summary(
+    config, inputs: list[str], output: str | Path, *, ray_address: str | None = None, allow_config_change: bool = False
+) -> dict[str, Any]:
+    """What `granucap run` would do, from the config and a cheap count of the inputs; starts nothing. Raises
+    what `run` would raise at its start: output not writable (StorageError), held by a live run
+    (OutputLocked), made with another config (ConfigChanged, unless `allow_config_change`)."""
+    from engine.fingerprint import fingerprint_of, shaping
+    from engine.io.lock import check_unlocked
     from engine.allocator import driver_malloc
     from engine.io.shards import complete_units
     from engine.io.storage import Location
     from engine.runner import (
         RunError,
+        check_config_identity,
         check_stage_inputs,
         data_memory_budget,
         dataset_segments,
@@ -283,9 +314,13 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
             }
         )
     out = Location(output, config.storage_options)
+    out.check_writable(create=False)  # a dry run leaves no output folder behind
+    check_unlocked(out)
     plan, same_plan = prepare_plan(config, inputs, out)  # files without metadata are counted in threads here
     units = plan.units
     done = complete_units(out) if same_plan else {}
+    shape = shaping(config)
+    check_config_identity(out, plan, fingerprint_of(shape), shape, done, allow_config_change)
     todo = [u for u in units if u.index not in done]
     address = ray_address or config.ray.address
     # as `run` sizes its default budget: the first samples still to do, read and decoded (a fraction of a second)
@@ -307,6 +342,7 @@ def plan_summary(config, inputs: list[str], output: str | Path, *, ray_address: 
         "sample_kb": None if sample_bytes is None else round(sample_bytes / 2**10, 1),  # measured; None: not measured
         "ray_datasets": len(dataset_segments(todo, config.ray.max_samples_per_dataset)),  # Datasets `run` would start
         "same_plan_as_output": same_plan,  # None: no plan.json yet; False: `run` would refuse this output
+        "fingerprint": fingerprint_of(shape),  # of the config: the complete units were made with it (or allowed)
         "ray_address": address,
         "worker_allocator": allocator,  # what Ray's workers would run with (engine/allocator.py)
         "driver_malloc": driver_malloc(config.ray.driver_malloc_arenas),  # the driver's, as `run` would set it

@@ -35,7 +35,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -43,14 +43,17 @@ from engine import __version__
 from engine.allocator import AllocatorError, WorkerAllocator, driver_malloc
 from engine.allocator import resolve as resolve_allocator
 from engine.config import PipelineConfig, Resources
+from engine.errors import ConfigChanged, Interrupted, raise_on_sigterm
+from engine.fingerprint import describe_prompts, differences, fingerprint, fingerprint_of, shaping
 from engine.io.inputs import Unit, expand_inputs
 from engine.io.plan import Plan, load_plan, make_plan, save_plan
+from engine.io.lock import OutputLock, new_run_id
 from engine.io.readers import read_unit
 from engine.io.shards import KeyClaims, complete_unit_ids, complete_units, completed_keys, shard_files, write_unit
 from engine.io.storage import Location, redact
 from engine.models.loading import is_dummy
-from engine.prompts import load_prompt
 from engine.records import SCHEMA, Record, from_table, to_table
+from engine.worker_logs import ray_init_kwargs
 from engine.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -58,9 +61,10 @@ log = logging.getLogger(__name__)
 STAGE_ORDER = ("decode", "recaption", "extract", "ground", "filter")
 FUSED_ORDER = ("decode", "annotate", "ground", "filter")
 MODEL_STAGES = ("recaption", "extract", "annotate", "ground")
-ENV_PASSTHROUGH = ("GRANUCAP_", "HF_", "TRANSFORMERS_", "NLTK_DATA", "OMP_NUM_THREADS", "TOKENIZERS_")
+ENV_PASSTHROUGH = ("GRANUCAP_", "HF_", "TRANSFORMERS_", "NLTK_DATA", "OMP_NUM_THREADS", "TOKENIZERS_", "VLLM_")
 # Model loading progress bars from every worker drown the run's own progress view.
-QUIET_WORKERS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+QUIET_WORKERS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+                 "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
 class RunError(RuntimeError):
@@ -242,7 +246,7 @@ REPORT_SCHEMA = pa.schema([
 
 def _write_units(
     batch: pa.Table, *, output: str, storage_options: dict[str, Any], expected: dict[int, tuple[int, bool]],
-    claims: Any,
+    claims: Any, fingerprint: str | None = None,
 ) -> pa.Table:
     """Write every unit of `batch` (whole units only: see the module docstring) to the output: shard, index
     part, marker; return one report row per unit."""
@@ -268,7 +272,8 @@ def _write_units(
         if location.exists(marker):  # a retried task whose first attempt got as far as the marker
             stats = location.read_json(marker)
         else:
-            stats = write_unit(location, unit, from_table(rows), claim, written_by=node).to_json()
+            stats = write_unit(location, unit, from_table(rows), claim, written_by=node,
+                               fingerprint=fingerprint).to_json()
             ray.get(claims.commit.remote(unit))
         reports.append({"unit": unit, "stats": json.dumps(stats), "node": node, "rows_bytes": rows.nbytes})
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
@@ -295,21 +300,22 @@ EMBEDDED_SYSTEM_CONFIG = {
 }
 
 
-def _ray_init(config: PipelineConfig, address: str | None, allocator: WorkerAllocator) -> None:
+def _ray_init(config: PipelineConfig, address: str | None, allocator: WorkerAllocator) -> bool:
     """Start Ray embedded (or join `address`) with the workers' environment: granucap's and the model
     libraries' variables, quiet model loading, and `allocator` (from `worker_allocator`). A session already
-    started (by the caller) is used as it is."""
+    started (by the caller) is used as it is; returns whether this call started or joined one."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PASSTHROUGH)}
     for key, value in QUIET_WORKERS.items():
         env.setdefault(key, value)
     env.update(allocator.env(os.environ.get("LD_PRELOAD")))
     log.info("Ray workers' memory allocator: %s", allocator.why)
     address = address or config.ray.address
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # the workers' output goes to their log files, kept in the output when the run ends (engine/worker_logs.py)
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, **ray_init_kwargs()}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -326,6 +332,7 @@ def _ray_init(config: PipelineConfig, address: str | None, allocator: WorkerAllo
         # registered after Ray's own exit hook (made when ray is imported), so it runs first
         atexit.unregister(_stop_embedded_ray)
         atexit.register(_stop_embedded_ray)
+    return True
 
 
 def _stop_embedded_ray() -> None:
@@ -349,28 +356,6 @@ def _stop_embedded_ray() -> None:
         except subprocess.TimeoutExpired:  # Ray's shutdown reaps it or logs it
             pass
     ray.shutdown(_exiting_interpreter=True)
-
-
-def _check_actor_cpus(config: PipelineConfig) -> None:
-    """Actor pools hold their CPUs for the whole run: if they ask for more than the cluster has, Ray waits
-    forever without a word. Refuse such a plan up front instead."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    wanted = {
-        name: getattr(config.stages, name).resources.num_cpus * getattr(config.stages, name).resources.concurrency
-        for name in stage_names(config)
-        if uses_model(name, config)
-    }
-    # at least one read + decode task and one write task must fit beside them
-    reading, writing = config.stages.decode.resources.num_cpus, config.write.num_cpus
-    if sum(wanted.values()) + reading + writing > total:
-        detail = ", ".join(f"{n} {c:g}" for n, c in wanted.items())
-        raise RunError(
-            f"the actor pools need {sum(wanted.values()):g} CPUs ({detail}) plus {reading:g} for reading and "
-            f"decoding and {writing:g} for writing, but Ray has {total:g}: lower stages.*.resources.num_cpus / "
-            "concurrency (fractions are fine, e.g. 0.25) or raise ray.num_cpus"
-        )
 
 
 def dataset_segments(units: list[Unit], max_samples: int | None) -> list[list[Unit]]:
@@ -448,7 +433,8 @@ def data_memory_budget(config: PipelineConfig, sample_bytes: float | None = None
 
 
 def build_dataset(
-    units: list[Unit], config: PipelineConfig, sample_bytes: float | None = None, *, output: str, claims: Any
+    units: list[Unit], config: PipelineConfig, sample_bytes: float | None = None, *, output: str, claims: Any,
+    fingerprint: str | None = None,
 ):
     """The Ray Data plan: read + decode → model stages → filter → write to `output` (keys claimed from the
     `claims` actor), as pyarrow batches of REPORT_SCHEMA rows, one per unit; blocks waiting between operators
@@ -459,6 +445,9 @@ def build_dataset(
     # units complete on the workers, so the order in which they come out does not matter
     ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = False
+    # a task's error reaches the driver as itself (an OSError of a full disk stays one), not wrapped in Ray
+    # Data's UserCodeException, so the CLI can say what went wrong in one line
+    ctx.raise_original_map_exception = True
     # a unit must stay one block from its read task to its write task (see the module docstring)
     ctx.target_max_block_size = None
     # Ray Data's default budget is half the object store; blocks then pile up ahead of the slowest stage
@@ -497,6 +486,7 @@ def build_dataset(
                 num_cpus=res.num_cpus,
                 compute=ray.data.ActorPoolStrategy(size=res.concurrency),
                 num_gpus=res.num_gpus or None,
+                resources=res.custom or None,
                 max_restarts=3,
                 max_task_retries=3,
             )
@@ -504,7 +494,7 @@ def build_dataset(
         ds = ds.map_batches(
             _write_units,
             fn_kwargs={"output": output, "storage_options": config.storage_options, "expected": expected,
-                       "claims": claims},
+                       "claims": claims, "fingerprint": fingerprint},
             batch_size=None,  # whole blocks: whole units
             batch_format="pyarrow",
             num_cpus=config.write.num_cpus,
@@ -574,47 +564,166 @@ def describe_models(config: PipelineConfig) -> dict[str, Any]:
     return out
 
 
-def describe_prompts(config: PipelineConfig) -> dict[str, str]:
-    ids = ["system"]
-    if config.stages.annotate is not None:
-        return {p.id: p.sha256 for p in map(load_prompt, ids + [config.stages.annotate.prompt])}
-    if config.stages.recaption.backend != "passthrough":
-        ids.append(config.stages.recaption.prompt)
-    if config.stages.extract.backend != "nltk":
-        ids += [p for p in (config.stages.extract.factual_prompt, config.stages.extract.entities_prompt) if p]
-    return {p.id: p.sha256 for p in map(load_prompt, ids)}
+# How often the manifest is rewritten while units complete (one PUT on an object store)
+MANIFEST_EVERY_S = 5.0
+
+
+class Manifest:
+    """manifest.json of a run: what the complete units' markers hold, and the run's status (running,
+    complete, failed with its error, interrupted). Rewritten as units complete (at most every
+    MANIFEST_EVERY_S) and when the run ends; its counts are always the sums of the markers of the units it
+    counts as complete, and its `config` is only ever one that made them (`configs` lists each config
+    fingerprint present with its units)."""
+
+    def __init__(self, output: Location, config: PipelineConfig, plan: Plan, *, run_id: str, fingerprint: str,
+                 started_at: str) -> None:
+        self.output = output
+        self.config = config
+        self.plan = plan
+        self.run_id = run_id
+        self.fingerprint = fingerprint
+        self.started_at = started_at
+        self.written = 0.0
+        self._configs: dict[str, dict[str, Any] | None] = {}
+
+    def _config_of(self, fp: str) -> dict[str, Any] | None:
+        """The public config recorded for fingerprint `fp` in OUT/configs/ (None when not recorded)."""
+        if fp not in self._configs:
+            try:
+                self._configs[fp] = self.output.read_json(config_record(fp)).get("config")
+            except (FileNotFoundError, ValueError, AttributeError):
+                self._configs[fp] = None
+        return self._configs[fp]
+
+    def write(self, done: dict[int, dict[str, Any]], status: str, **extra: Any) -> dict[str, Any]:
+        counts: Counter = Counter()
+        reasons: Counter = Counter()
+        usage: dict[str, Counter] = {}
+        by_fp: dict[str, Counter] = {}
+        for stats in done.values():
+            counts.update({k: stats[k] for k in ("read", "ok", "rejected", "failed", "boxes", "entities")})
+            reasons.update(stats.get("reasons", {}))
+            for stage, spent in stats.get("usage", {}).items():  # chat requests and tokens per stage
+                usage.setdefault(stage, Counter()).update(spent)
+            by_fp.setdefault(stats.get("fingerprint") or "unrecorded", Counter()).update(
+                {"units": 1, "samples": stats["read"]})
+        present = sorted(by_fp)
+        if not present or present == [self.fingerprint]:
+            config, fingerprint = self.config.public_dump(), self.fingerprint
+        elif len(present) == 1:
+            config, fingerprint = self._config_of(present[0]), present[0]
+        else:
+            config, fingerprint = None, None  # mixed: see `configs`
+        models = describe_models(self.config)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        manifest = {
+            "format": "granucap/1",
+            "status": status,
+            "run_id": self.run_id,
+            "started_at": self.started_at,
+            "updated_at": now,
+            **({"finished_at": now} if status != "running" else {}),
+            "pipeline": self.config.name,
+            "inputs": self.plan.inputs,
+            "fingerprint": fingerprint,
+            "config": config,
+            "configs": {fp: {"units": c["units"], "samples": c["samples"],
+                             "record": config_record(fp) if fp != "unrecorded" else None}
+                        for fp, c in sorted(by_fp.items())},
+            "versions": versions(),
+            "models": models,
+            "dummy_models": any(m["dummy_weights"] for m in models.values()),
+            "prompts": describe_prompts(self.config),
+            "units": {"planned": len(self.plan.units), "complete": len(done)},
+            "complete_units": unit_ranges(done),
+            "counts": {k: counts.get(k, 0) for k in ("read", "ok", "rejected", "failed", "boxes", "entities")},
+            "reasons": dict(reasons.most_common()),
+            "usage": {stage: dict(sorted(c.items())) for stage, c in sorted(usage.items())},
+            **extra,
+        }
+        self.output.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
+        self.written = time.monotonic()
+        return manifest
+
+    def update(self, done: dict[int, dict[str, Any]]) -> None:
+        """Rewrite the running manifest if the last write is MANIFEST_EVERY_S old."""
+        if time.monotonic() - self.written >= MANIFEST_EVERY_S:
+            self.write(done, "running")
+
+    def end(self, done: dict[int, dict[str, Any]], status: str, error: str, **extra: Any) -> None:
+        """The final manifest of a run that failed or was interrupted, over every unit whose marker exists
+        by now (a worker may have written some that the driver did not hear of); a failure to write it is
+        logged, never raised over the error that ended the run."""
+        try:
+            done.update(complete_units(self.output))
+            self.write(done, status, error=error, **extra)
+        except Exception as exc:
+            log.warning("could not write the %s manifest to %s: %s", status, self.output.uri, exc)
+
+
+class RunLogs:
+    """The logs a run keeps in OUT/logs/RUN_ID/: its workers' (engine/worker_logs.py) and its driver's
+    library output (`driver_log`); none of it may ever fail the run."""
+
+    def __init__(self, out: Location, run_id: str, driver_log: str | None) -> None:
+        self.out = out
+        self.run_id = run_id
+        self.driver_log = driver_log
+        self.folder = f"logs/{run_id}"
+        self.workers = None
+        self.kept = False  # whether anything was written into the folder
+
+    def ray_started(self) -> None:
+        from engine.worker_logs import WorkerLogs
+
+        try:
+            self.workers = WorkerLogs.start(self.out, self.run_id)
+        except Exception as exc:
+            log.warning("the workers' logs will not be kept: %s", exc)
+
+    def collect_workers(self) -> None:
+        """Copy the workers' logs into the output (while Ray is still up: a cluster's nodes hold them)."""
+        if self.workers is not None:
+            self.kept |= self.workers.collect() is not None
+            self.workers = None
+
+    def keep(self) -> str | None:
+        """Copy the driver's log into the output; returns the run's log folder as a URI (None: nothing kept)."""
+        if self.driver_log:
+            try:
+                with open(self.driver_log, "rb") as f:
+                    self.out.write_bytes(f"{self.folder}/driver.log", redact(f.read().decode("utf-8", "replace")).encode())
+                self.kept = True
+            except Exception as exc:
+                log.warning("could not keep the driver's log in %s: %s", self.out.uri_of(self.folder), exc)
+        return self.out.uri_of(self.folder) if self.kept else None
+
+
+def unit_ranges(units: Iterable[int]) -> str:
+    """Unit numbers as ranges, "0-5,7,9-12" (units complete out of order only within the run's window)."""
+    spans: list[list[int]] = []
+    for unit in sorted(units):
+        if spans and unit == spans[-1][1] + 1:
+            spans[-1][1] = unit
+        else:
+            spans.append([unit, unit])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def config_record(fp: str) -> str:
+    """Where a run keeps the config of fingerprint `fp`, relative to the output."""
+    return f"configs/{fp}.json"
 
 
 def write_manifest(
-    output: Location, config: PipelineConfig, plan: Plan, done: dict[int, dict[str, Any]], **extra: Any
+    output: Location, config: PipelineConfig, plan: Plan, done: dict[int, dict[str, Any]], status: str = "complete",
+    **extra: Any,
 ) -> dict:
-    """manifest.json from the markers of the complete units (`done`: unit -> marker stats)."""
-    counts: Counter = Counter()
-    reasons: Counter = Counter()
-    usage: dict[str, Counter] = {}
-    for stats in done.values():
-        counts.update({k: stats[k] for k in ("read", "ok", "rejected", "failed", "boxes", "entities")})
-        reasons.update(stats.get("reasons", {}))
-        for stage, spent in stats.get("usage", {}).items():  # chat requests and tokens per stage
-            usage.setdefault(stage, Counter()).update(spent)
-    models = describe_models(config)
-    manifest = {
-        "format": "granucap/1",
-        "pipeline": config.name,
-        "inputs": plan.inputs,
-        "config": config.public_dump(),
-        "versions": versions(),
-        "models": models,
-        "dummy_models": any(m["dummy_weights"] for m in models.values()),
-        "prompts": describe_prompts(config),
-        "units": {"planned": len(plan.units), "complete": len(done)},
-        "counts": {k: counts.get(k, 0) for k in ("read", "ok", "rejected", "failed", "boxes", "entities")},
-        "reasons": dict(reasons.most_common()),
-        "usage": {stage: dict(sorted(c.items())) for stage, c in sorted(usage.items())},
-        **extra,
-    }
-    output.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
-    return manifest
+    """manifest.json from the markers of the complete units (`done`: unit -> marker stats), for tools that
+    have no run at hand."""
+    fp = fingerprint(config)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return Manifest(output, config, plan, run_id="", fingerprint=fp, started_at=started).write(done, status, **extra)
 
 
 def _ray_map(config: PipelineConfig, start_ray: Callable[[], None]):
@@ -668,6 +777,36 @@ def _system_failure(exc: BaseException) -> bool:
     return False
 
 
+def check_config_identity(
+    out: Location, plan: Plan, fp: str, shape: dict[str, Any], done: dict[int, dict[str, Any]],
+    allow_config_change: bool,
+) -> None:
+    """ConfigChanged unless every complete unit of the output was made with config fingerprint `fp` (or
+    `allow_config_change`): the message names the keys that differ from the config most units were made with."""
+    made = Counter(stats.get("fingerprint") or "unrecorded" for stats in done.values())
+    others = {f: n for f, n in made.items() if f != fp}
+    if not others or allow_config_change:
+        if others:
+            log.warning("mixing configs in %s, as --allow-config-change asks: %s made with other configs, this "
+                        "run's is %s", out.uri, ", ".join(f"{n} units with {f}" for f, n in others.items()), fp)
+        return
+    other, units = max(others.items(), key=lambda item: item[1])
+    try:
+        recorded = out.read_json(config_record(other)).get("shaping")
+    except (FileNotFoundError, ValueError, AttributeError):
+        recorded = None
+    if recorded is None:
+        what = "its config is not recorded (an older granucap?)"
+    else:
+        changed = differences(recorded, shape)
+        what = "it differs in " + "; ".join(changed[:12]) + (f"; and {len(changed) - 12} more" if len(changed) > 12 else "")
+    raise ConfigChanged(
+        f"{out.uri} has {units} complete units made with config {other}, and this run's config is {fp}: {what}. "
+        "Rerun with the config the output was made with, use a new output, or pass --allow-config-change to "
+        "mix them (the manifest then lists each config with its units)"
+    )
+
+
 def run(
     config: PipelineConfig,
     *,
@@ -675,23 +814,52 @@ def run(
     output: str | Path,
     ray_address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    allow_config_change: bool = False,
+    run_id: str | None = None,
+    driver_log: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline over `inputs` into `output` (a local folder or an object store URI); resumable;
-    returns the manifest."""
+    returns the manifest. Holds the output's lock for its whole life (OutputLocked when another run has it).
+    The workers' logs, and the file `driver_log` (the driver's library output, engine/driver_log.py), are
+    kept in OUT/logs/RUN_ID/ however the run ends; the manifest names the folder."""
     check_stage_inputs(config)
     allocator = worker_allocator(config, ray_address)  # a missing library fails here, before anything is written
     out = Location(output, config.storage_options)
     out.check_writable()  # credentials, endpoint, bucket, permissions: one line before any work
+    run_id = run_id or new_run_id()
+    with OutputLock(out, run_id) as lock:
+        return _run_locked(config, inputs, out, ray_address, on_progress, allow_config_change, run_id, lock,
+                           allocator, driver_log)
 
+
+def _run_locked(
+    config: PipelineConfig, inputs: list[str], out: Location, ray_address: str | None,
+    on_progress: Callable[[Progress], None] | None, allow_config_change: bool, run_id: str, lock: OutputLock,
+    allocator: WorkerAllocator, driver_log: str | None,
+) -> dict[str, Any]:
     ray_started = []
+    logs = RunLogs(out, run_id, driver_log)
 
     def start_ray() -> None:
         """Ray for this run, once: for the planner's counting tasks or for the run, whichever comes first."""
         if not ray_started:
             # before Ray starts its threads in this process: glibc caps only the arenas still to be made
             log.info("the driver's memory allocator: %s", driver_malloc(config.ray.driver_malloc_arenas, apply=True))
-            _ray_init(config, ray_address, allocator)
-            ray_started.append(True)
+            ours = _ray_init(config, ray_address, allocator)
+            raise_on_sigterm()  # Ray's driver replaced the handler with one that exits without a word
+            ray_started.append(ours)
+            logs.ray_started()
+
+    def stop_ray() -> None:
+        """Before the last manifest of a run that stops early: no worker of this run may write a marker after
+        it (an embedded session stops; a joined cluster ends the job's workers when the driver leaves)."""
+        if any(ray_started):
+            import ray
+
+            try:
+                _stop_embedded_ray() if not (ray_address or config.ray.address) else ray.shutdown()
+            except Exception as exc:  # the run is ending anyway: the manifest matters more
+                log.warning("could not stop Ray before the final manifest: %s", exc)
 
     if ray_address or config.ray.address:
         start_ray()
@@ -702,44 +870,71 @@ def run(
             f"{out.uri} holds the output of a different input plan (other input files or shard size); use a "
             "new output directory"
         )
-    if same is None:
+    shape = shaping(config)
+    fp = fingerprint_of(shape)
+    done = complete_units(out)
+    check_config_identity(out, plan, fp, shape, done, allow_config_change)
+    if not out.exists(config_record(fp)):
+        out.write_bytes(config_record(fp), json.dumps(
+            {"fingerprint": fp, "shaping": shape, "config": config.public_dump()}, indent=1).encode())
+    if same is None or (plan.fingerprint != fp and not done):  # a new plan, or one no unit was made under yet
+        plan.fingerprint = fp
         save_plan(out, plan)
-    removed = out.clean_temporaries()
+    removed = out.clean_temporaries()  # only the lock's holder may: no other run is writing here
     if removed:
         log.info("removed %d partial files left by an earlier run", removed)
-    done = complete_units(out)
     todo = [u for u in plan.units if u.index not in done]
     progress = Progress(total=plan.samples)
     progress.skipped = sum(stats["read"] for stats in done.values())
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_manifest(out, config, plan, done, status="running", started_at=started)
+    manifest = Manifest(out, config, plan, run_id=run_id, fingerprint=fp, started_at=started)
+    manifest.write(done, "running")
     log.info("%d units planned, %d already complete, %d to do", len(plan.units), len(done), len(todo))
-    if todo:
-        # the default budget for waiting blocks is sized from a few samples of the input, read and decoded in
-        # a thread while Ray starts (its start leaves the cores mostly idle; Pillow and zlib release the GIL)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="granucap-sizing") as sizing:
-            sized = sizing.submit(measure_sample_bytes, todo, config) if config.ray.data_memory_mb is None else None
-            start_ray()
-            sample_bytes = sized.result() if sized else None
-        if sized:
-            log.info("blocks waiting between operators: at most %d MiB (%s a decoded sample)",
-                     data_memory_budget(config, sample_bytes) // 2**20,
-                     f"{sample_bytes / 2**10:.1f} KB, the mean of the first {SIZE_SAMPLES}" if sample_bytes
-                     else f"{DECODED_SAMPLE_KB} KB, taken")
-        _check_actor_cpus(config)
-        claims = _start_key_claims(out, sorted(done))
-        segments = dataset_segments(todo, config.ray.max_samples_per_dataset)
-        for n, segment in enumerate(segments, 1):
-            if len(segments) > 1:
-                log.info("Ray Dataset %d of %d: units %d..%d, %d samples", n, len(segments), segment[0].index,
-                         segment[-1].index, sum(u.size for u in segment))
-            _run_segment(segment, config, sample_bytes, out, claims, done, progress, on_progress)
-    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    manifest = write_manifest(out, config, plan, done, status="complete", started_at=started, finished_at=finished)
-    counts = manifest["counts"]
+    try:
+        if todo:
+            # the default budget for waiting blocks is sized from a few samples of the input, read and decoded
+            # in a thread while Ray starts (its start leaves the cores mostly idle; Pillow and zlib release the
+            # GIL)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="granucap-sizing") as sizing:
+                sized = sizing.submit(measure_sample_bytes, todo, config) if config.ray.data_memory_mb is None else None
+                start_ray()
+                sample_bytes = sized.result() if sized else None
+            if sized:
+                log.info("blocks waiting between operators: at most %d MiB (%s a decoded sample)",
+                         data_memory_budget(config, sample_bytes) // 2**20,
+                         f"{sample_bytes / 2**10:.1f} KB, the mean of the first {SIZE_SAMPLES}" if sample_bytes
+                         else f"{DECODED_SAMPLE_KB} KB, taken")
+            from engine.capacity import check_ray_cluster  # capacity imports the runner
+
+            waiting = check_ray_cluster(config, wait=config.ray.autoscaling and bool(ray_address or config.ray.address))
+            if waiting:
+                log.warning("%s", waiting)
+            claims = _start_key_claims(out, sorted(done))
+            segments = dataset_segments(todo, config.ray.max_samples_per_dataset)
+            for n, segment in enumerate(segments, 1):
+                if len(segments) > 1:
+                    log.info("Ray Dataset %d of %d: units %d..%d, %d samples", n, len(segments), segment[0].index,
+                             segment[-1].index, sum(u.size for u in segment))
+                _run_segment(segment, config, sample_bytes, out, claims, done, progress, on_progress,
+                             fingerprint=fp, manifest=manifest, lock=lock)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        logs.collect_workers()
+        stop_ray()
+        manifest.end(done, "interrupted", f"stopped by {exc if isinstance(exc, Interrupted) else 'SIGINT'}",
+                     logs=logs.keep())
+        raise
+    except BaseException as exc:
+        logs.collect_workers()
+        stop_ray()
+        manifest.end(done, "failed", redact(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"),
+                     logs=logs.keep())
+        raise
+    logs.collect_workers()
+    result = manifest.write(done, "complete", logs=logs.keep())
+    counts = result["counts"]
     if counts["read"] != counts["ok"] + counts["rejected"] + counts["failed"]:
         raise RunError(f"counts do not add up: {counts}")
-    return manifest
+    return result
 
 
 def _reach_output(uri: str, storage_options: dict[str, Any], probe: str) -> str | None:
@@ -809,12 +1004,17 @@ def _run_segment(
     done: dict[int, dict[str, Any]],
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
+    *,
+    fingerprint: str | None = None,
+    manifest: Manifest | None = None,
+    lock: OutputLock | None = None,
 ) -> None:
-    """Run one Dataset over the units of `segment` and collect their reports into `done`; after a failure of
-    the cluster, again over those still without a marker (at most `ray.max_attempts` runs in all)."""
+    """Run one Dataset over the units of `segment` and collect their reports into `done` (and the running
+    `manifest`); after a failure of the cluster, again over those still without a marker (at most
+    `ray.max_attempts` runs in all). Stops when the run no longer holds the output's `lock`."""
     todo = list(segment)
     for attempt in range(1, config.ray.max_attempts + 1):
-        ds = build_dataset(todo, config, sample_bytes, output=out.uri, claims=claims)
+        ds = build_dataset(todo, config, sample_bytes, output=out.uri, claims=claims, fingerprint=fingerprint)
         try:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.received_bytes += table.nbytes
@@ -827,6 +1027,10 @@ def _run_segment(
                     progress.nodes[row["node"]] += 1
                 if on_progress:
                     on_progress(progress)
+                if manifest is not None:
+                    manifest.update(done)
+                if lock is not None:
+                    lock.check()
         except Exception as exc:
             if attempt == config.ray.max_attempts or not _system_failure(exc):
                 raise

@@ -18,8 +18,14 @@ from tests.fakerun import BOXES_OUT, CATEGORIES, OK_IMAGES, make_records, make_r
 from PIL import Image
 
 from engine.cli import main
-from engine.export import export
-from engine.export.common import clip_box
+from engine.export import EXPORTERS, export
+from engine.export.common import UniqueNames, clip_box
+from engine.io.completeness import IncompleteRunError
+from engine.io.inputs import Unit
+from engine.io.plan import FileCount, Plan, save_plan
+from engine.io.shards import ShardWriter
+from engine.io.storage import Location
+from engine.records import Record
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +288,158 @@ def test_export_command_prints_its_summary(run_dir, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["format"] == "yolo" and summary["boxes"] == BOXES_OUT
     assert main(["export", "coco", str(tmp_path / "nope"), str(tmp_path / "c")]) == 2  # not a run dir
+
+
+# --- partial runs: a plan with units still to write ---------------------------------------------------------
+
+
+def _save_plan(run: Path, sizes: list[int]) -> None:
+    """plan.json for units of `sizes` samples (one input file), as `granucap run` saves it."""
+    units, start = [], 0
+    for i, n in enumerate(sizes):
+        units.append(Unit(i, "webdataset", "/in/fake.tar", start, start + n, "fake.tar"))
+        start += n
+    files = [FileCount("webdataset", "/in/fake.tar", "fake.tar", start, "tar_headers")]
+    save_plan(Location(run), Plan(shard_size=max(sizes), inputs=["/in"], files=files, units=units))
+
+
+def test_export_refuses_a_run_whose_plan_has_units_without_a_marker(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    _save_plan(run, [3, 3, 4])  # units 0 and 1 are written; unit 2 (4 samples) is not
+    with pytest.raises(IncompleteRunError) as caught:
+        export("coco", run, tmp_path / "refused")
+    message = str(caught.value)
+    assert "\n" not in message and "2 of 3 planned units (6 of 10 samples)" in message
+    assert "--allow-partial" in message
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+
+    summary = export("coco", run, tmp_path / "partial", allow_partial=True)
+    assert summary["images"] == OK_IMAGES  # the complete units' ok samples, all of them
+    assert summary["completeness"]["complete"] is False
+    assert summary["completeness"]["units"] == {"planned": 3, "complete": 2}
+    assert summary["completeness"]["samples"] == {"planned": 10, "complete": 6}
+
+    # the CLI prints the same counts in its JSON summary
+    assert main(["export", "yolo", str(run), str(tmp_path / "y"), "--allow-partial"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["completeness"]["units"] == {"planned": 3, "complete": 2} and printed["images"] == OK_IMAGES
+
+
+def test_export_of_a_run_whose_plan_is_all_written_says_it_is_complete(tmp_path):
+    run = make_run(tmp_path / "run")
+    _save_plan(run, [3, 3])
+    completeness = export("odvg", run, tmp_path / "o")["completeness"]
+    assert completeness["complete"] is True and completeness["samples"] == {"planned": 6, "complete": 6}
+    assert completeness["manifest_status"] == "complete"  # shown as the manifest says it, not relied on
+
+
+def test_export_of_a_run_without_a_plan_is_not_refused_and_says_completeness_is_unknown(run_dir, tmp_path):
+    completeness = export("odvg", run_dir, tmp_path / "o")["completeness"]
+    assert completeness["complete"] is None and completeness["plan"] == "none"
+    assert completeness["units"] == {"planned": None, "complete": 2}
+    assert completeness["samples"] == {"planned": None, "complete": 6}  # the markers' counts of samples read
+
+
+# --- keys that differ only in case ----------------------------------------------------------------------------
+
+# key -> (image size, category of its one box); sizes differ so that an exported file tells whose it is
+CASE_KEYS = {"Cat_1": ((40, 30), "cat"), "cat_1": ((30, 40), "dog"), "CAT_1": ((50, 20), "table")}
+
+
+def _case_run(out: Path) -> Path:
+    """Cat_1 and cat_1 in unit 0, CAT_1 in unit 1: same folder for the first two in the shard layouts, one
+    folder for all three in sft's."""
+    records = []
+    for i, (key, ((w, h), category)) in enumerate(CASE_KEYS.items()):
+        unit, position = (0, i) if i < 2 else (1, 0)
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (60 * i, 100, 200)).save(buf, format="JPEG")
+        record = Record(key=key, source="case.tar", unit=unit, position=position, image=buf.getvalue(), width=w,
+                        height=h, raw_caption=f"a {category}", caption=f"a {category}", factual_caption=f"a {category}")
+        record.entities = [{"phrase": f"a {category}", "category": category, "parent_category": "thing"}]
+        record.boxes = [{"xyxy": [1.0, 1.0, w - 1.0, h - 1.0], "score": 0.8, "entity": 0, "matched": "phrase",
+                         "teacher": "fake-teacher"}]
+        records.append(record)
+    ShardWriter(out, expected={0: 2, 1: 1})(records)
+    (out / "manifest.json").write_text(json.dumps({"format": "granucap/1", "pipeline": "case", "status": "complete"}))
+    return out
+
+
+def _key_of_size(path: Path) -> str:
+    with Image.open(path) as im:
+        size = im.size
+    (key,) = [k for k, (s, _) in CASE_KEYS.items() if s == size]
+    return key
+
+
+def _distinct_case_aside(paths: list[str]) -> None:
+    assert len(paths) == len(CASE_KEYS)
+    assert len({p.lower() for p in paths}) == len(paths), paths
+
+
+def test_unique_names_are_unique_case_aside_and_the_same_every_time():
+    def names():
+        unique = UniqueNames()
+        return [unique(n) for n in ["Cat_1", "cat_1", "CAT_1", "cat_1-2", "dog"]]
+
+    assert names() == ["Cat_1", "cat_1-2", "CAT_1-3", "cat_1-2-2", "dog"]
+    assert names() == names()
+
+
+def test_keys_that_differ_only_in_case_get_distinct_files_in_every_exporter(tmp_path):
+    run = _case_run(tmp_path / "run")
+    tested = set()
+
+    dest = tmp_path / "coco"
+    coco = json.loads(Path(export("coco", run, dest)["annotations_file"]).read_text())
+    categories = {c["id"]: c["name"] for c in coco["categories"]}
+    _distinct_case_aside([image["file_name"] for image in coco["images"]])
+    for image in coco["images"]:
+        key = _key_of_size(dest / image["file_name"])
+        (ann,) = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+        assert image["granucap_key"] == key and categories[ann["category_id"]] == CASE_KEYS[key][1]
+    tested.add("coco")
+
+    dest = tmp_path / "yolo"
+    export("yolo", run, dest)
+    names = yaml.safe_load((dest / "data.yaml").read_text())["names"]
+    images = sorted((dest / "images" / "train").rglob("*.jpg"))
+    _distinct_case_aside([str(p.relative_to(dest)) for p in images])
+    _distinct_case_aside([str(p.relative_to(dest)) for p in (dest / "labels" / "train").rglob("*.txt")])
+    for image in images:
+        label = Path(str(image).replace("/images/", "/labels/")).with_suffix(".txt")
+        (line,) = label.read_text().splitlines()
+        assert names[int(line.split()[0])] == CASE_KEYS[_key_of_size(image)][1]
+    tested.add("yolo")
+
+    for fmt in ("odvg", "odvg-grounding"):
+        dest = tmp_path / fmt
+        rows = [json.loads(line) for line in Path(export(fmt, run, dest)["jsonl"]).read_text().splitlines()]
+        _distinct_case_aside([row["filename"] for row in rows])
+        for row in rows:
+            _, category = CASE_KEYS[_key_of_size(dest / row["filename"])]
+            if fmt == "odvg":
+                assert [i["category"] for i in row["detection"]["instances"]] == [category]
+            else:
+                assert [r["phrase"] for r in row["grounding"]["regions"]] == [f"a {category}"]
+        tested.add(fmt)
+
+    dest = tmp_path / "labelstudio"
+    tasks = json.loads(Path(export("labelstudio", run, dest)["tasks_file"]).read_text())
+    rels = [task["data"]["image"].removeprefix("/data/local-files/?d=") for task in tasks]
+    _distinct_case_aside(rels)
+    for task, rel in zip(tasks, rels):
+        key = _key_of_size(dest / rel)
+        (result,) = task["predictions"][0]["result"]
+        assert task["data"]["key"] == key and result["value"]["rectanglelabels"] == [CASE_KEYS[key][1]]
+    tested.add("labelstudio")
+
+    dest = tmp_path / "sft"
+    items = json.loads(Path(export("sft", run, dest)["file"]).read_text())
+    _distinct_case_aside([item["image"] for item in items])
+    for item in items:
+        key = _key_of_size(dest / item["image"])
+        assert item["id"] == key
+        assert json.loads(item["conversations"][1]["value"])["entities"][0]["category"] == CASE_KEYS[key][1]
+    tested.add("sft")
+    assert tested == set(EXPORTERS)  # a new exporter must be added here

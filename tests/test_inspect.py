@@ -49,6 +49,83 @@ def test_inspect_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert main(["inspect", str(tmp_path)]) == 2
 
 
+def _planned_run(out: Path, sizes: tuple[int, ...] = (3, 3, 4)) -> Path:
+    """The fake run (units 0 and 1 written, 3 samples each) with a plan of units of `sizes`; by default a
+    third unit (4 samples) is planned and never written."""
+    from engine.io.inputs import Unit
+    from engine.io.plan import FileCount, Plan, save_plan
+    from engine.io.storage import Location
+
+    run = make_run(out)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    units = [Unit(i, "webdataset", "/in/f.tar", a, a + n, "f.tar") for i, (a, n) in enumerate(zip(starts, sizes))]
+    files = [FileCount("webdataset", "/in/f.tar", "f.tar", sum(sizes), "tar_headers")]
+    save_plan(Location(run), Plan(shard_size=max(sizes), inputs=["/in"], files=files, units=units))
+    return run
+
+
+def page_completeness(page: Path) -> tuple[str, str | None]:
+    """The text and style of the page's completeness paragraph, parsed with the standard HTML parser."""
+    from html.parser import HTMLParser
+
+    class Finder(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.text, self.style = False, "", None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if attrs.get("id") == "completeness":
+                self.inside, self.style = True, attrs.get("style")
+
+        def handle_endtag(self, tag):
+            self.inside = False
+
+        def handle_data(self, data):
+            if self.inside:
+                self.text += data
+
+    finder = Finder()
+    finder.feed(page.read_text(encoding="utf-8"))
+    return finder.text, finder.style
+
+
+def test_inspect_refuses_a_partial_run_unless_allowed_and_then_says_what_it_covers(tmp_path, capsys):
+    run = _planned_run(tmp_path / "run")
+    assert main(["inspect", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {run} is an incomplete run: ")
+    assert "2 of 3 planned units (6 of 10 samples)" in err and "--allow-partial" in err
+
+    assert main(["inspect", str(run), "--allow-partial"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich folds long lines; compare the words
+    assert "Partial run" in out and "2 of 3 planned units (6 of 10 samples) complete" in out
+    assert "manifest.json says 'complete'" in out  # what the manifest claims, shown next to what is true
+
+    assert main(["inspect", str(run), "--allow-partial", "--json", "--html", str(tmp_path / "site")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 6  # the complete units' rows, as before
+    assert summary["completeness"]["complete"] is False
+    assert summary["completeness"]["units"] == {"planned": 3, "complete": 2}
+    assert summary["completeness"]["samples"] == {"planned": 10, "complete": 6}
+    text, style = page_completeness(Path(summary["html"]))
+    assert text.startswith("Partial run") and "2 of 3 planned units (6 of 10 samples) complete" in text
+    assert style and "color" in style
+
+
+def test_inspect_of_a_complete_or_planless_run_says_so(run_dir, tmp_path, capsys):
+    assert main(["inspect", str(run_dir), "--json"]) == 0  # no plan.json: not refused
+    completeness = json.loads(capsys.readouterr().out)["completeness"]
+    assert completeness["complete"] is None and completeness["units"] == {"planned": None, "complete": 2}
+    text, style = page_completeness(write_html(run_dir, tmp_path / "unknown"))
+    assert text.startswith("Completeness unknown") and style is None
+
+    run = _planned_run(tmp_path / "run", (3, 3))
+    assert main(["inspect", str(run)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Complete run: 2 of 2 planned units (6 of 6 samples) complete" in out
+
+
 def _screenshot(page: Path, fragment: str, out: Path, tmp: Path) -> np.ndarray:
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -108,6 +185,8 @@ def test_dry_run_prints_the_plan_and_starts_nothing(demo_input, tmp_path, monkey
 
 def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     from engine.config import load_config
+    from engine.errors import ConfigChanged
+    from engine.fingerprint import fingerprint
     from engine.io.plan import make_plan, save_plan
     from engine.io.storage import Location
     from engine.runner import measure_sample_bytes
@@ -118,8 +197,14 @@ def test_plan_summary_sees_units_an_earlier_run_completed(demo_input, tmp_path):
     out = tmp_path / "out"
     (out / "shards").mkdir(parents=True)
     save_plan(Location(out), saved)
-    (out / "shards" / "000001.stats.json").write_text(json.dumps({"unit": 1, "read": 4}))
+    (out / "shards" / "000001.stats.json").write_text(
+        json.dumps({"unit": 1, "read": 4, "fingerprint": fingerprint(config)}))
     plan = plan_summary(config, [str(demo_input)], out)
+    # the unit was made with this config; with another one `run` would stop, and so does the dry run
+    other = load_config("pipelines/smoke.yaml", ["write.shard_size=4", "stages.ground.box_threshold=0.5"])
+    with pytest.raises(ConfigChanged, match=f"made with config {fingerprint(config)}, and this run.s config is {fingerprint(other)}"):
+        plan_summary(other, [str(demo_input)], out)
+    assert plan_summary(other, [str(demo_input)], out, allow_config_change=True)["fingerprint"] == fingerprint(other)
     assert (plan["samples"], plan["units"], plan["complete"], plan["todo"]) == (12, 4, [1], 3)
     assert plan["same_plan_as_output"] is True and plan["ray_datasets"] == 1
     split = config.model_copy(update={"ray": config.ray.model_copy(update={"max_samples_per_dataset": 4})})

@@ -508,6 +508,7 @@ def test_extract_stage_rejects_invalid_json_and_normalises_valid_answers(server,
 
 def test_manifest_sums_usage_over_shards(server, tmp_path):
     from engine.config import config_from_dict
+    from engine.fingerprint import fingerprint
     from engine.io.plan import Plan
     from engine.io.shards import complete_units
     from engine.io.storage import Location
@@ -518,10 +519,10 @@ def test_manifest_sums_usage_over_shards(server, tmp_path):
     records = Extract(spec)(extract_records())
     for i, r in enumerate(records):
         r.unit, r.position = i % 2, i // 2
-    ShardWriter(tmp_path, expected={0: 2, 1: 2})(records)
     config = config_from_dict({"name": "t", "stages": {
         "extract": {"backend": "openai", "model": "m", "openai": {"base_url": server.url, "api_key_env": KEY_ENV}},
         "ground": {"model": "tiny:grounding-dino"}}})
+    ShardWriter(tmp_path, expected={0: 2, 1: 2}, fingerprint=fingerprint(config))(records)
     plan = Plan(shard_size=2, inputs=[], files=[])
     manifest = write_manifest(Location(tmp_path), config, plan, complete_units(tmp_path))
     assert manifest["usage"] == {"extract": {"completion_tokens": 69, "prompt_tokens": 380, "requests": 7}}

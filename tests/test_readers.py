@@ -278,6 +278,43 @@ def test_parquet_bytes_struct_and_paths(tmp_path: Path) -> None:
     assert all(r.image is None for r in records[1:])
 
 
+def test_parquet_image_column_of_path_strings(tmp_path: Path) -> None:
+    """A string `image` column names files relative to the parquet's folder, under the `path` column's rule."""
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    images = [_jpeg(i, (16 + i, 12)) for i in range(3)]
+    (data / "img" / "0.jpg").write_bytes(images[0])
+    (data / "1.jpg").write_bytes(images[1])
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(images[2])
+    (data / "img" / "link.jpg").symlink_to(outside)
+    table = pa.table(
+        {
+            "image": ["img/0.jpg", "1.jpg", "img/nope.jpg", "../outside.jpg", str(outside), "img/link.jpg", None, ""],
+            "caption": [f"c{i}" for i in range(8)],
+        }
+    )
+    assert table.schema.field("image").type == pa.string()
+    pq.write_table(table, data / "strings.parquet")
+    records = _read_all(plan_units([str(data / "strings.parquet")], shard_size=8))
+    assert [r.image for r in records[:2]] == images[:2]
+    assert records[0].ok and records[1].ok and records[0].raw_caption == "c0"
+    assert json.loads(records[0].meta) == {"path": "img/0.jpg"}
+    kinds = [r.error["kind"] for r in records[2:]]
+    assert kinds == ["missing_image", "unsafe_path", "unsafe_path", "unsafe_path", "missing_image", "missing_image"]
+    assert all(r.image is None for r in records[2:])
+    assert "leaves" in records[3].error["message"]
+
+    # large_string works alike, and a `path` value wins over the image's; the image's is kept in meta
+    pq.write_table(
+        pa.table({"image": pa.array(["1.jpg"], pa.large_string()), "path": ["img/0.jpg"], "text": ["t"]}),
+        data / "both.parquet",
+    )
+    (record,) = _read_all(plan_units([str(data / "both.parquet")], shard_size=8))
+    assert record.image == images[0]
+    assert json.loads(record.meta) == {"path": "img/0.jpg", "image_path": "1.jpg"}
+
+
 def test_folder_jsonl(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.jpg").write_bytes(_jpeg(0))

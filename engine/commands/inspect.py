@@ -1,5 +1,7 @@
-"""`granucap inspect RUN [--html DEST] [--json]`: a run's summary as tables, JSON or a static page; RUN is
-a folder or a URI (s3://..., gs://...). Also prints the plan of `granucap run --dry-run` (`show_plan`)."""
+"""`granucap inspect RUN [--html DEST] [--json] [--allow-partial]`: a run's summary as tables, JSON or a static
+page; RUN is a folder or a URI (s3://..., gs://...). A run whose plan has units still to write is refused
+unless --allow-partial, and every form of the summary says how much of the plan it covers. Also prints the
+plan of `granucap run --dry-run` (`show_plan`)."""
 
 from __future__ import annotations
 
@@ -28,19 +30,35 @@ def console():
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from engine.io.completeness import require_complete
     from engine.io.shards import open_run
-    from engine.inspect import summarize, write_html
+    from engine.inspect import completeness_line, summarize, write_html
 
     run = open_run(args.run_dir)  # one reachability check, shared by the summary and the page
-    summary = summarize(run, top=args.top)
-    if summary["samples"] == 0 and not summary["units"]:
-        raise FileNotFoundError(f"{args.run_dir}: no complete shards and no manifest.json; is it a granucap run?")
+    completeness = require_complete(run, allow_partial=args.allow_partial, action="inspect")
+    summary = summarize(run, top=args.top, completeness=completeness)
+    if summary["samples"] == 0 and not summary["units"] and completeness["plan"] == "none":
+        raise FileNotFoundError(
+            f"{args.run_dir}: no complete shards, no plan.json and no manifest.json; is it a granucap run?"
+        )
     if args.html:
         summary["html"] = str(write_html(run, args.html, gallery=args.gallery, summary=summary))
     if args.json:
         print(json.dumps(summary))
         return 0
     out = console()
+    units, samples = completeness["units"], completeness["samples"]
+    out.print(
+        _table(
+            "completeness",
+            ["", "complete", "planned"],
+            [["units", units["complete"], "unknown" if units["planned"] is None else units["planned"]],
+             ["samples", "unknown" if samples["complete"] is None else samples["complete"],
+              "unknown" if samples["planned"] is None else samples["planned"]]],
+        )
+    )
+    out.print(completeness_line(completeness, summary["status"]), markup=False,
+              style="bold red" if completeness["complete"] is False else None)
     n = max(summary["samples"], 1)
     out.print(
         _table(
@@ -83,11 +101,12 @@ def _budget(plan: dict) -> str:
     return f"{plan['data_memory_mb']} ({plan['sample_kb']:g} KB a sample)"
 
 
-def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None = None, as_json: bool = False) -> int:
+def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None = None, as_json: bool = False,
+              allow_config_change: bool = False) -> int:
     """Print what `granucap run` would do; used by `granucap run --dry-run`."""
     from engine.inspect import plan_summary
 
-    plan = plan_summary(config, inputs, output, ray_address=ray_address)
+    plan = plan_summary(config, inputs, output, ray_address=ray_address, allow_config_change=allow_config_change)
     if as_json:
         print(json.dumps(plan))
         return 0
@@ -114,6 +133,7 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
     out.print(f"the driver's memory allocator: {plan['driver_malloc']}", markup=False)
     if plan["same_plan_as_output"] is False:
         out.print("[red]the output holds a different input plan: `granucap run` would refuse it[/red]")
+    out.print(f"output writable, not locked by another run; config fingerprint {plan['fingerprint']}")
     out.print("dry run: nothing was started")
     return 0
 
@@ -125,4 +145,6 @@ def add_parser(sub) -> None:
     p.add_argument("--gallery", type=int, default=24, help="images in the HTML gallery (default 24)")
     p.add_argument("--top", type=int, default=15, help="rows in the reason and category tables")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="summarise the complete units of a run whose plan has units still to write (else refused)")
     p.set_defaults(func=cmd_inspect)

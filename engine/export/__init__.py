@@ -2,7 +2,9 @@
 
 An exporter is a function `export(run: Location, dest: Path, **options) -> dict` (a summary: files written,
 counts) registered here by format name; `granucap export FORMAT RUN DEST` dispatches on the name. The run
-is a local folder or a URI of any fsspec filesystem (engine/io/storage.py); DEST is a local folder.
+is a local folder or a URI of any fsspec filesystem (engine/io/storage.py); DEST is a local folder. Only
+complete units are exported, and `export` refuses a run whose plan still has units to write unless it is
+told that partial output is wanted (engine/io/completeness.py).
 """
 
 from __future__ import annotations
@@ -45,8 +47,17 @@ def get_exporter(fmt: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), func)
 
 
-def export(fmt: str, run: str | Path | Location, dest: str | Path, **options: Any) -> dict[str, Any]:
+def export(
+    fmt: str, run: str | Path | Location, dest: str | Path, *, allow_partial: bool = False, **options: Any
+) -> dict[str, Any]:
+    """Export `run` as `fmt` into `dest`; the summary says, under `completeness`, how many of the planned
+    units and samples were complete (engine/io/completeness.py). A run with planned units still missing is
+    refused (IncompleteRunError) unless `allow_partial`, and then only its complete units are exported."""
+    from engine.io.completeness import require_complete
+
     location = open_run(run)
     if not location.exists("manifest.json"):
         raise FileNotFoundError(f"{location.uri} is not a granucap run directory (no manifest.json)")
-    return get_exporter(fmt)(location, Path(dest), **options)
+    exporter = get_exporter(fmt)  # an unknown format is an error before the run is looked at
+    completeness = require_complete(location, allow_partial=allow_partial, action="export")
+    return {**exporter(location, Path(dest), **options), "completeness": completeness}

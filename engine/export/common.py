@@ -1,6 +1,11 @@
 """What the box exporters share: streaming a run's samples, image file names, the category vocabulary,
 and clipping boxes to their image.
 
+File names come from sample keys, and keys that differ only in case (`Cat_1`, `cat_1`) would name one file
+on a case-insensitive file system (macOS, Windows), one image silently replacing the other. `UniqueNames`
+gives every name that is taken, case aside, a `-N` suffix; each sample's `name` is made unique that way
+within its shard's folder, so an image and its label file always share it.
+
 Everything streams: samples come shard by shard through webdataset, the vocabulary is counted from the
 parquet index (no image bytes), and a large output file (COCO json, Label Studio tasks) is assembled from
 temporary parts, so memory does not grow with the corpus. The run may be local or on any fsspec filesystem;
@@ -25,26 +30,46 @@ from engine.io.shards import complete_unit_ids, read_shard, shard_files, shard_n
 from engine.io.storage import Location
 
 
+class UniqueNames:
+    """Names that stay distinct where case does not count: a name equal, case aside, to one given before
+    comes back as `NAME-2`, `NAME-3`, ... (the first not taken either). The same names asked in the same
+    order get the same answers, so an export of the same run names its files the same way every time."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()  # case-folded names given so far
+
+    def __call__(self, name: str) -> str:
+        unique, n = name, 1
+        while unique.casefold() in self._taken:
+            n += 1
+            unique = f"{name}-{n}"
+        self._taken.add(unique.casefold())
+        return unique
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One ok sample of a run as it lies in its shard."""
 
     shard: str  # shard stem, "000003"
-    stem: str  # webdataset key inside the shard (unique within it)
+    stem: str  # webdataset key inside the shard (unique within it, case counting)
     record: dict[str, Any]  # KEY.json: the record without image bytes
     jpg: bytes
+    name: str = ""  # file stem for exports: `stem`, unique within the shard case aside (iter_samples sets it)
 
     def image_name(self, ext: str = "jpg") -> str:
         """Relative file name, one folder per shard (keeps folders small and names unique in the run)."""
-        return f"{self.shard}/{self.stem}.{ext}"
+        return f"{self.shard}/{self.name or self.stem}.{ext}"
 
 
 def iter_samples(run: str | Path | Location) -> Iterator[Sample]:
     """Every ok sample of the complete units, in unit order, read with webdataset's tar reader."""
     location = open_run(run)
     for unit in complete_unit_ids(location):
+        names = UniqueNames()  # one folder per shard: names need only be unique within it
         for item in read_shard(location, unit):
-            yield Sample(shard_name(unit), item["__key__"], json.loads(item["json"]), item["jpg"])
+            stem = item["__key__"]
+            yield Sample(shard_name(unit), stem, json.loads(item["json"]), item["jpg"], names(stem))
 
 
 def index_files(run: str | Path | Location) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.export import iter_run_samples
+from engine.export.common import UniqueNames
 from engine.prompts import load_prompt
 from engine.atomic import atomic_write_bytes
 from engine.io.shards import tar_key
@@ -26,7 +27,7 @@ def export(run: Location, dest: Path, *, prompt: str = "annotate", min_entities:
     out_path = dest / "sft.json"
     tmp = out_path.with_name(out_path.name + ".tmp")
     written = skipped = 0
-    seen: set[str] = set()
+    names = UniqueNames()  # one flat folder: unique across the run, case aside
     with open(tmp, "w", encoding="utf-8") as out:  # streamed: one conversation at a time
         out.write("[\n")
         for record, jpeg in iter_run_samples(run):
@@ -36,10 +37,7 @@ def export(run: Location, dest: Path, *, prompt: str = "annotate", min_entities:
             if len(entities) < min_entities:
                 skipped += 1
                 continue
-            stem = tar_key(record["key"])
-            if stem in seen:
-                stem = f"{stem}_{len(seen)}"
-            seen.add(stem)
+            stem = names(tar_key(record["key"]))
             (images / f"{stem}.jpg").write_bytes(jpeg)
             item = {
                 "id": record["key"],

@@ -57,6 +57,8 @@ class Plan:
     inputs: list[str]
     files: list[FileCount]
     units: list[Unit] = field(default_factory=list)
+    # the config fingerprint (engine/fingerprint.py) of the run that made the plan; None in older plans
+    fingerprint: str | None = None
 
     @property
     def samples(self) -> int:
@@ -69,6 +71,7 @@ class Plan:
             "inputs": list(self.inputs),
             "files": [asdict(f) for f in self.files],
             "units": [asdict(u) for u in self.units],
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -82,6 +85,7 @@ class Plan:
             inputs=list(data["inputs"]),
             files=[FileCount(**f) for f in data["files"]],
             units=[Unit(**u) for u in data["units"]],
+            fingerprint=data.get("fingerprint"),
         )
 
     def file_list(self) -> list[tuple[str, str]]:

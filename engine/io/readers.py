@@ -27,9 +27,11 @@ extracted to disk, nor a whole file read into memory. Rules:
     which reads as one "corrupt_input" row: broken inputs stay visible in the index. tarfile ends silently
     on a bad header mid-file; planning and reading then see the same samples. Member data is read right
     after its header, never seeking back, so a .tar.gz is decompressed once.
-  * Parquet: columns `image` (binary, or struct{bytes, path} as HF datasets write it) or `path`; `caption` or
-    `text`; optional `key`. Other non-binary columns go to `meta`. Read with `iter_batches` from the row group
-    holding `start` on.
+  * Parquet: columns `image` (binary; struct{bytes, path} as HF datasets write it; or a string, the image's
+    file path) or `path`; `caption` or `text`; optional `key`. Other non-binary columns go to `meta`. A row's
+    image is its bytes when it has some, else the file at its `path` value, else at the image's path (the
+    struct's `path` field or the string), each under the path rule below. Read with `iter_batches` from the
+    row group holding `start` on.
   * Folder: `captions.jsonl` lines `{"file": ..., "caption": ...}` (optional "key"); the key is the file's
     path relative to the jsonl directory without its suffix (= the file stem for a flat folder). Invalid
     JSON lines are rejected rows ("read", "bad_input").
@@ -474,6 +476,11 @@ def _parquet_record(
         if image.get("path") is not None:
             meta.setdefault("image_path", image.get("path"))
         image = image.get("bytes")
+    elif isinstance(image, str):  # a string column of file names: a path, under the same rule as `path`
+        if rel is not None and rel != image:
+            meta.setdefault("image_path", image)
+        rel = rel if rel is not None else image
+        image = None
     if isinstance(image, (bytes, bytearray)) and len(image) > 0:
         record.image = bytes(image)
     elif isinstance(image, (bytes, bytearray)):

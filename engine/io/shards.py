@@ -70,6 +70,7 @@ class UnitStats:
     entities: int = 0
     reasons: Counter = field(default_factory=Counter)  # "stage/kind" -> count, for rejected and failed
     usage: dict[str, Counter] = field(default_factory=dict)  # stage -> requests/tokens, every status
+    fingerprint: str | None = None  # of the config the unit was made with (engine/fingerprint.py)
 
     def add(self, record: Record) -> None:
         self.read += 1
@@ -95,6 +96,7 @@ class UnitStats:
             "entities": self.entities,
             "reasons": dict(sorted(self.reasons.items())),
             "usage": {stage: dict(sorted(c.items())) for stage, c in sorted(self.usage.items())},
+            **({"fingerprint": self.fingerprint} if self.fingerprint else {}),
         }
 
 
@@ -283,11 +285,13 @@ def encode_unit(unit: int, records: list[Record], claim: Claim) -> tuple[bytes, 
 
 
 def write_unit(
-    location: Location, unit: int, records: list[Record], claim: Claim, written_by: str | None = None
+    location: Location, unit: int, records: list[Record], claim: Claim, written_by: str | None = None,
+    fingerprint: str | None = None,
 ) -> UnitStats:
     """Write a complete unit's shard, then its index part, then its marker (which names `written_by`, the
-    Ray node that wrote it, when given)."""
+    Ray node that wrote it, and `fingerprint`, the config fingerprint it was made with, when given)."""
     tar_bytes, index_bytes, stats = encode_unit(unit, records, claim)
+    stats.fingerprint = fingerprint
     tar_path, index_path, marker = shard_files(unit)
     location.write_bytes(tar_path, tar_bytes)
     location.write_bytes(index_path, index_bytes)
@@ -313,11 +317,13 @@ class ShardWriter:
         *,
         expected: dict[int, int],
         seen_keys: KeyRegistry | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.location = output if isinstance(output, Location) else Location(output)
         self.claims = KeyClaims(seen_keys)
         self.expected = dict(expected)  # unit -> number of samples it must receive
         self.pending: dict[int, list[Record]] = {}
+        self.fingerprint = fingerprint  # of the config the records were made with, for the markers
 
     def __call__(self, records: list[Record]) -> list[UnitStats]:
         """Add records; returns the stats of the units this call completed (and wrote)."""
@@ -328,7 +334,8 @@ class ShardWriter:
             bucket = self.pending.setdefault(record.unit, [])
             bucket.append(record)
             if len(bucket) == self.expected[record.unit]:
-                done.append(write_unit(self.location, record.unit, self.pending.pop(record.unit), self._claim))
+                done.append(write_unit(self.location, record.unit, self.pending.pop(record.unit), self._claim,
+                                       fingerprint=self.fingerprint))
         return done
 
     def _claim(self, unit: int, keys: list[str]) -> list[str]:

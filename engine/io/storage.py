@@ -32,7 +32,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SECRET_NAME = re.compile(
     r"(secret|token|password|passwd|credential|key|sas|connection_string|signature|session)", re.IGNORECASE
 )
-_NOT_SECRET_NAME = re.compile(r"^(AWS_ENDPOINT_URL.*|AWS_DEFAULT_REGION|AWS_REGION|AWS_PROFILE)$")
+_NOT_SECRET_NAME = re.compile(r"^(AWS_ENDPOINT_URL.*|AWS_DEFAULT_REGION|AWS_REGION|AWS_PROFILE|TOKENIZERS_.*)$")
+# Values no secret ever is, whatever the variable's name: blanking them would blank every `false` in a log
+_NOT_SECRET_VALUE = re.compile(r"^(true|false|yes|no|on|off|none|null|\d{1,8})$", re.IGNORECASE)
 # Which packages serve a protocol, for the error when one is missing
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
              "abfss": "adlfs", "adl": "adlfs", "hf": "huggingface_hub"}
@@ -107,7 +109,8 @@ def redact(text: str) -> str:
     variables) replaced by `***`."""
     secrets = set(_registered_secrets)
     for name, value in os.environ.items():
-        if _SECRET_NAME.search(name) and not _NOT_SECRET_NAME.match(name) and len(value) >= 4:
+        if _SECRET_NAME.search(name) and not _NOT_SECRET_NAME.match(name) and len(value) >= 4 \
+                and not _NOT_SECRET_VALUE.match(value):
             secrets.add(value)
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
@@ -262,10 +265,20 @@ class Location:
 
     # checks
 
-    def check_writable(self) -> None:
+    def check_writable(self, create: bool = True) -> None:
         """StorageError unless a file can be written, read back and deleted here (the output's first check:
-        credentials, endpoint, bucket and permissions all at once)."""
+        credentials, endpoint, bucket and permissions all at once). With `create` False a local folder that
+        does not exist yet is not made: the nearest existing folder above it must be writable."""
         probe = f".granucap-probe-{os.getpid()}-{os.urandom(4).hex()}"
+        if not create and not self.remote and not os.path.exists(self.root):
+            above = self.root
+            while not os.path.exists(above):
+                above = os.path.dirname(above)
+            if not os.path.isdir(above):
+                raise StorageError(f"cannot write to {self.uri}: {above} is a file, not a folder")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise StorageError(f"cannot write to {self.uri}: {above} is not writable")
+            return
         try:
             if not self.remote:
                 if os.path.exists(self.root) and not os.path.isdir(self.root):
