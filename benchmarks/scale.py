@@ -301,7 +301,7 @@ PLAN_ROWS = ("serial: tar headers, one file after another", "new, img2dataset st
 def plan_section(args, tmp: Path) -> None:
     import ray
 
-    from engine.runner import _ray_init, _ray_map, worker_allocator
+    from engine.runner.session import _ray_init, _ray_map, worker_allocator
 
     start = time.perf_counter()
     samples = img2dataset_dump(tmp / "plan" / "stats", args.files)

@@ -1,6 +1,6 @@
 """Student training config: a pydantic model validated when built; YAML files and CLI flags fill it.
 
-A bad value names the field and the value (`ConfigError`, the engine's own error type).
+A bad value names the field and the value (`TrainConfigError`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.config import ConfigError
+
+class TrainConfigError(ValueError):
+    """A train config file or flag is invalid; the message names the field and the value. A ValueError, so
+    that the CLI reports it as a usage error (exit 2) like a bad pipeline config."""
 
 
 class _Strict(BaseModel):
@@ -99,11 +102,11 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
-            raise ConfigError(f"train config not found: {path}") from exc
+            raise TrainConfigError(f"train config not found: {path}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise TrainConfigError(f"{path}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+            raise TrainConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -116,4 +119,4 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err, origin)) from None
+        raise TrainConfigError(_describe(err, origin)) from None

@@ -25,8 +25,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from engine.io.shards import open_run
-from engine.io.shards import complete_unit_ids, read_shard, shard_files
+from engine.io.shards import complete_unit_ids, open_run, read_shard, shard_files
 from engine.io.storage import Location
 
 logger = logging.getLogger(__name__)

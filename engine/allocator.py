@@ -1,24 +1,15 @@
 """Which memory allocator Ray's worker processes run with (`ray.worker_allocator`).
 
-glibc's malloc keeps the freed memory of a model's batches of varying shapes: a teacher actor's heap grew by
-≈ 360 MiB over 3,072 samples and kept growing after its first batches, where tcmalloc's grew by ≈ 210 MiB,
-mostly in the first batches, at the same speed (docs/performance.md, "Memory"); vLLM's CPU backend asks for
-tcmalloc too. A preloaded allocator only applies to processes started with it, so it is set in the
-environment Ray starts its workers with (the runtime environment of `ray.init`); the driver keeps its own.
-
-The driver's own malloc (`ray.driver_malloc_arenas`): with glibc's default of up to 8 arenas a core, the many
-threads of Ray's core worker and Ray Data's executor spread their allocations over several arenas, and each
-finished Ray Dataset left ≈ 2.8 KB a unit of fragments behind (13 → 38 MiB over ten Datasets of 1,000 units,
-growing linearly); capped at one arena, 13 → 16 MiB and flat from the fifth on, at the same speed
-(benchmarks/datasets.py, docs/performance.md).
-glibc's `mallopt` caps arenas that are yet to be made, so it is called before Ray starts its threads.
+glibc's malloc keeps more of the freed memory of a model's batches of varying shapes than tcmalloc does, at the
+same speed (docs/performance.md, "Memory", benchmarks/allocator.py); vLLM's CPU backend asks for tcmalloc too.
+A preloaded allocator only applies to processes started with it, so it is set in the environment Ray starts
+its workers with (the runtime environment of `ray.init`, a documented setting); the driver keeps its own.
 
 Standard library only: `granucap doctor` and `--dry-run` look libraries up without starting anything.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import sysconfig
@@ -34,12 +25,8 @@ ALLOCATORS: dict[str, tuple[tuple[str, ...], str]] = {
 QUIET = {"tcmalloc": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40)}}
 
 
-M_ARENA_MAX = -8  # glibc's malloc.h
-
-
 class AllocatorError(RuntimeError):
-    """`ray.worker_allocator` names an allocator whose library is not installed, or glibc refused
-    `ray.driver_malloc_arenas`."""
+    """`ray.worker_allocator` names an allocator whose library is not installed."""
 
 
 def library_dirs() -> list[Path]:
@@ -116,24 +103,3 @@ def resolve(setting: str, *, cluster: bool = False, dirs: list[Path] | None = No
         )
     return WorkerAllocator(setting, library, f"{setting} ({library})")
 
-
-def driver_malloc(arenas: int | None, *, apply: bool = False) -> str:
-    """What `ray.driver_malloc_arenas` = `arenas` does in this process, as one line for logs and `--dry-run`;
-    with `apply`, does it: glibc's `mallopt(M_ARENA_MAX, arenas)`. Left as it is when `arenas` is None, when
-    MALLOC_ARENA_MAX is set (the user's choice, which glibc read at start), when another allocator is
-    preloaded, and when the C library is not glibc."""
-    if arenas is None:
-        return "glibc's default malloc arenas (ray.driver_malloc_arenas: null)"
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return f"MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']} from the environment"
-    preloaded = [p for p in preloads(os.environ.get("LD_PRELOAD"))
-                 if any(Path(p).name in libraries for libraries, _ in ALLOCATORS.values())]
-    if preloaded:
-        return f"{Path(preloaded[0]).name} (preloaded)"
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "gnu_get_libc_version"):
-        return "the C library's malloc (not glibc: ray.driver_malloc_arenas does not apply)"
-    line = f"glibc malloc, at most {arenas} arena{'s' if arenas > 1 else ''}"
-    if apply and libc.mallopt(M_ARENA_MAX, arenas) != 1:
-        raise AllocatorError(f"glibc's mallopt(M_ARENA_MAX, {arenas}) failed")
-    return line

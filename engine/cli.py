@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return show_plan(config, args.input, args.output, ray_address=args.ray_address,
                          allow_config_change=args.allow_config_change)
-    from engine.driver_log import DriverLog
+    from engine.runner.driver_log import DriverLog
 
     driver_log = DriverLog()
     try:

@@ -29,7 +29,8 @@ class Resources(_Strict):
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     # Ray custom resources per actor of a model stage, e.g. {accel_a100: 1} to pin it to nodes started with
-    # `ray start --resources='{"accel_a100": 4}'`; checked against the cluster before a run (engine/capacity.py)
+    # `ray start --resources='{"accel_a100": 4}'`; checked against the cluster before a run
+    # (engine/runner/capacity.py)
     custom: dict[str, float] = {}
 
     @field_validator("custom")
@@ -49,8 +50,8 @@ class DecodeSpec(_Strict):
     min_side: int = Field(8, ge=1)  # smaller images are rejected
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_caption_chars: int = Field(4000, ge=1)  # longer captions are cut to this
-    # Decode runs in the tasks that read the input (see engine/runner.py): `concurrency` of them at once, each
-    # reading one work unit and decoding it `batch_size` rows at a time, one block per batch.
+    # Decode runs in the tasks that read the input (see engine/runner/dataset.py): `concurrency` of them at once,
+    # each reading one work unit and decoding it `batch_size` rows at a time, one block per batch.
     resources: Resources = Resources(batch_size=32)
 
 
@@ -218,28 +219,22 @@ class RaySpec(_Strict):
     max_samples_per_dataset: int | None = Field(1_000_000, ge=1)
     # Object store memory that blocks waiting between operators may hold (Ray Data's budget for the run): it
     # bounds how far reading and decoding run ahead of the model stages, so memory stops growing with the
-    # input early (at Ray's own default, half the object store, the read tasks had decoded all of a
-    # 10,000-sample input when the model stages had done fewer than 2,000). None: 8 decoded units per worker
-    # (runner.UNITS_PER_WORKER), a unit's `write.shard_size` samples at the mean size of the input's first
-    # samples as decoded (runner.measure_sample_bytes; DECODED_SAMPLE_KB when they cannot be read;
-    # runner.data_memory_budget). Ray still lets each operator run a task when the budget is spent, and never
-    # goes beyond its own default.
+    # input early (docs/performance.md, "Memory"). None: 8 decoded units per worker (UNITS_PER_WORKER in
+    # engine/runner/sizing.py), a unit's `write.shard_size` samples at the mean size of the input's first samples
+    # as decoded (sizing.measure_sample_bytes; DECODED_SAMPLE_KB when they cannot be read). Ray still lets each
+    # operator run a task when the budget is spent, and never goes beyond its own default.
     data_memory_mb: int | None = Field(None, ge=16)
     # The memory allocator Ray's worker processes (the stages' tasks and actors) run with (engine/allocator.py):
     # auto = tcmalloc when installed (apt package libtcmalloc-minimal4; install.sh installs it), else the
     # system's; on a Ray cluster auto means the system's. tcmalloc / jemalloc: that one, or an error if missing.
     worker_allocator: Literal["auto", "system", "tcmalloc", "jemalloc"] = "auto"
-    # glibc malloc arenas in the driver process (engine/allocator.py): its Ray and Ray Data threads leave
-    # fragments in many arenas, ≈ 2.8 KB a unit for every finished Dataset; capped, the driver stays flat
-    # across Datasets. None: glibc's default (8 a core); MALLOC_ARENA_MAX in the environment wins.
-    driver_malloc_arenas: int | None = Field(1, ge=1)
     # A Ray Dataset that fails for a reason outside granucap's code (a node lost, an actor that died more
     # times than its restarts, an object that could not be reconstructed) is started again on the units that
     # have no marker yet, at most this many times in all; completed units are never redone.
     max_attempts: int = Field(3, ge=1)
     # The cluster at `address` adds nodes when work waits (Ray's autoscaler, KubeRay): a plan that asks more
     # than the cluster has when the run starts is then waited for, with a message, instead of refused.
-    # Ray has no public way to ask whether a cluster autoscales, so it is said here (engine/capacity.py).
+    # Ray has no public way to ask whether a cluster autoscales, so it is said here (engine/runner/capacity.py).
     autoscaling: bool = False
 
 

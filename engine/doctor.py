@@ -89,7 +89,7 @@ def check_gpu() -> list[Check]:
 
 
 def check_nltk() -> list[Check]:
-    from engine.nltk_data import INSTALL_HINT, data_dir, missing_files
+    from engine.language.nltk_data import INSTALL_HINT, data_dir, missing_files
 
     missing = missing_files()
     if missing:

@@ -8,6 +8,9 @@
     130  stopped by SIGINT (Ctrl-C); 143  stopped by SIGTERM: rerun the same command to resume
 
 `granucap --debug` shows the Python traceback as well (engine/cli.py).
+
+The error types here are shared by every layer (stages, backends, the runner, the command line), so that
+none of them imports another layer for its exceptions.
 """
 
 from __future__ import annotations
@@ -36,8 +39,22 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
 
 
+class RunError(RuntimeError):
+    """The run cannot start or finish (output belongs to another plan, units left incomplete...)."""
+
+
 class ConfigChanged(RuntimeError):
     """A rerun's config differs from the one the output's complete units were made with."""
+
+
+class InfrastructureError(RuntimeError):
+    """The worker cannot go on (engine dead, device lost, endpoint unreachable): not the sample's fault, so
+    it is not a row; it propagates so that Ray restarts the worker (engine/stages/base.py)."""
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """The machine, not the sample, is the problem: the worker should die and Ray retry elsewhere."""
+    return isinstance(exc, (InfrastructureError, MemoryError))
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -104,13 +121,16 @@ def os_error_in(exc: BaseException) -> OSError | None:
 
 __all__ = [
     "ConfigChanged",
+    "RunError",
     "EXIT_ERROR",
     "EXIT_LOCKED",
     "EXIT_SIGINT",
     "EXIT_SIGTERM",
     "EXIT_USAGE",
+    "InfrastructureError",
     "Interrupted",
     "describe_os_error",
+    "is_infrastructure_error",
     "os_error_in",
     "raise_on_sigterm",
 ]

@@ -5,7 +5,7 @@ In it: the pipeline config without what only decides where and how fast the work
 the hashes of the prompt files the pipeline uses, and granucap's version. Two configs with the same
 fingerprint write the same records from the same input; the plan records the fingerprint of the run that made
 it, each unit's marker the one it was written with (engine/io/shards.py), and a rerun under another one stops
-unless asked to mix them (engine/runner.py).
+unless asked to mix them (engine/runner/loop.py).
 """
 
 from __future__ import annotations

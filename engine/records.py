@@ -7,6 +7,7 @@ objects, so a batch round-trips through `pyarrow.Table.from_pylist(..., schema=S
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -148,6 +149,21 @@ class Record:
             provenance=[dict(p) for p in self.provenance],
             error=dict(self.error) if self.error else None,
         )
+
+
+def merge_meta(meta: str | None, updates: dict[str, Any]) -> str | None:
+    """Merge keys into a record's JSON meta; a non-object meta is kept under "meta_raw"."""
+    if not updates:
+        return meta
+    base: dict[str, Any] = {}
+    if meta:
+        try:
+            loaded = json.loads(meta)
+        except ValueError:
+            loaded = meta
+        base = loaded if isinstance(loaded, dict) else {"meta_raw": loaded}
+    base.update(updates)
+    return json.dumps(base, ensure_ascii=False, sort_keys=True, default=str)
 
 
 def to_table(records: list[Record], *, with_image: bool = True) -> pa.Table:

@@ -1,11 +1,11 @@
-"""Plans that cannot run are refused before anything starts (engine/capacity.py): CPUs, GPUs and custom
+"""Plans that cannot run are refused before anything starts (engine/runner/capacity.py): CPUs, GPUs and custom
 resources of the actor pools against what the cluster has; and the headline pipeline fits one GPU."""
 
 import re
 
 import pytest
 
-from engine.capacity import CapacityError, check_capacity, check_ray_cluster, stage_needs
+from engine.runner.capacity import CapacityError, check_capacity, check_ray_cluster, stage_needs
 from engine.config import ConfigError, load_config
 
 HEADLINE = "pipelines/granucap.yaml"

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from engine.config import DecodeSpec
+from engine.images import open_rgb
 from engine.records import Record
-from engine.stages.decode import Decode, clean_caption, open_rgb
+from engine.stages.decode import Decode, clean_caption
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:

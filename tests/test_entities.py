@@ -1,6 +1,6 @@
 """Entity schema, parsing, normalisation and the offline NLTK extractor.
 
-Needs the NLTK data folder (`python -m engine.nltk_data install`): without it these tests fail with
+Needs the NLTK data folder (`granucap nltk-data install`): without it these tests fail with
 NltkDataMissing naming that command, on purpose, instead of skipping.
 """
 
@@ -12,17 +12,17 @@ import pickle
 
 import pytest
 
-from engine import nltk_data
-from engine.entities import (
+from engine.language import lexicon, nltk_data
+from engine.language.entities import (
     ENTITIES_JSON_SCHEMA,
     MAX_FIELD_CHARS,
     MAX_ITEMS,
     EntityFormatError,
-    extract_noun_phrase_entities,
     is_none_answer,
     normalize_entities,
     parse_entities_json,
 )
+from engine.language.noun_phrases import extract_noun_phrase_entities
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -244,8 +244,40 @@ def test_normalize_same_phrase_other_category_kept() -> None:
 
 def test_missing_data_error_names_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv(nltk_data.ENV_VAR, str(tmp_path))
-    with pytest.raises(nltk_data.NltkDataMissing, match=r"python -m engine\.nltk_data install"):
+    with pytest.raises(nltk_data.NltkDataMissing, match=r"granucap nltk-data install"):
         nltk_data.ensure_nltk_path()
+
+
+def test_nltk_data_check_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.cli import main
+
+    assert main(["nltk-data", "check"]) == 0
+    assert f"NLTK data OK in {nltk_data.data_dir()}" in capsys.readouterr().out
+
+
+def test_nltk_data_check_command_names_the_install_command(monkeypatch, tmp_path, capsys) -> None:
+    from engine.cli import main
+
+    monkeypatch.setenv(nltk_data.ENV_VAR, str(tmp_path))
+    assert main(["nltk-data", "check"]) == 1
+    assert "granucap nltk-data install" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nltk_data_install_command_fills_a_folder_once(monkeypatch, tmp_path, capsys) -> None:
+    import nltk
+
+    from engine.cli import main
+
+    root = tmp_path / "data"
+    monkeypatch.setenv(nltk_data.ENV_VAR, str(root))
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))  # the folder goes on it; later tests keep theirs
+    assert main(["nltk-data", "install"]) == 0
+    assert nltk_data.missing_files(root=root) == [] and (root / lexicon.FILE).is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != nltk_data.MARKER}
+    assert main(["nltk-data", "install"]) == 0  # idempotent: nothing rewritten, the lexicon kept
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert capsys.readouterr().out.count(f"NLTK data OK in {root}") == 2
 
 
 def test_lexnames_file() -> None:
@@ -273,32 +305,32 @@ def test_noun_phrases_do_not_run_across_sentences():
 
 
 def _wordnet_answer(wn, tools, word: str) -> str | None:
-    """What the extractor computed from live WordNet before the lexicon: physical sense, then parent."""
-    from engine.entities import _parent_of, _physical_sense
-
-    syn = _physical_sense(wn, word)
-    return None if syn is None else _parent_of(syn, word.replace("_", " "), tools)
+    """What the lexicon's rules answer asked of live WordNet: physical sense, then parent."""
+    syn = lexicon.physical_sense(wn, word)
+    return None if syn is None else lexicon.parent_of(syn, word.replace("_", " "), tools)
 
 
 def test_noun_lexicon_answers_as_wordnet_does() -> None:
     import random
 
     from nltk.corpus import wordnet as wn
+    from nltk.stem import WordNetLemmatizer
 
-    from engine.entities import _lexicon, wordnet_parent_synsets
-
-    lexicon, tools = _lexicon(), wordnet_parent_synsets(wn)
+    lex, tools = lexicon.load_installed(), lexicon.wordnet_parent_synsets(wn)
     nouns = sorted(wn.all_lemma_names("n"))
-    assert len(lexicon.nouns) == len(nouns) > 100_000
+    assert len(lex.nouns) == len(nouns) > 100_000
     words = random.Random(0).sample(nouns, 600) + ["cat", "sofa", "bus", "ice_cream", "remote_control", "love"]
-    forms = words + [w + "s" for w in words] + [w + "es" for w in words] + sorted(wn._exception_map["n"])[:400]
-    assert [lexicon.morphy(f) for f in forms] == [wn._morphy(f, "n") for f in forms]
+    forms = words + [w + "s" for w in words] + [w + "es" for w in words] + sorted(lex.exceptions)[:400]
+    # WordNet's first analysis, and the shortest one (what WordNetLemmatizer returns)
+    assert [(lex.morphy(f) or [None])[0] for f in forms] == [wn.morphy(f, "n") for f in forms]
+    lemmatize = WordNetLemmatizer().lemmatize
+    assert [min(lex.morphy(f), key=len) if lex.morphy(f) else f for f in forms] == [lemmatize(f, "n") for f in forms]
     # No lemma: looked up by its reduction. WordNet pools the senses of all of a word's reductions, so the
     # answers differ where the reduction has reductions of its own ("wingss" -> wings (+ wing)): left out.
-    plurals = [w + "s" for w in words if "_" not in w and lexicon.morphy(w + "s") == [w] and lexicon.morphy(w) == [w]]
+    plurals = [w + "s" for w in words if "_" not in w and lex.morphy(w + "s") == [w] and lex.morphy(w) == [w]]
     sample = words + plurals
-    assert [lexicon.parent(w) for w in sample] == [_wordnet_answer(wn, tools, w) for w in sample]
-    assert sum(lexicon.parent(w) is not None for w in sample) > 200  # physical ones among them
+    assert [lex.parent(w) for w in sample] == [_wordnet_answer(wn, tools, w) for w in sample]
+    assert sum(lex.parent(w) is not None for w in sample) > 200  # physical ones among them
 
 
 @pytest.mark.slow
@@ -308,9 +340,9 @@ def test_parent_category_is_the_same_in_every_process() -> None:
     import subprocess
     import sys
 
-    code = ("from nltk.corpus import wordnet as wn; from engine.entities import _parent_of, wordnet_parent_synsets; "
-            "from engine.nltk_data import ensure_nltk_path; ensure_nltk_path(); "
-            "print(_parent_of(wn.synset('brick.n.01'), 'brick', wordnet_parent_synsets(wn)))")
+    code = ("from nltk.corpus import wordnet as wn; from engine.language.lexicon import parent_of, "
+            "wordnet_parent_synsets; from engine.language.nltk_data import ensure_nltk_path; ensure_nltk_path(); "
+            "print(parent_of(wn.synset('brick.n.01'), 'brick', wordnet_parent_synsets(wn)))")
     answers = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": seed},
                               capture_output=True, text=True, check=True).stdout.strip() for seed in ("1", "2", "3")}
     assert len(answers) == 1 and answers != {""}
@@ -319,8 +351,6 @@ def test_parent_category_is_the_same_in_every_process() -> None:
 @pytest.mark.slow
 def test_noun_lexicon_is_built_when_missing_and_rebuilt_when_stale(tmp_path, caplog) -> None:
     import shutil
-
-    from engine import lexicon
 
     root = tmp_path / "data"
     shutil.copytree(nltk_data.data_dir(), root, ignore=shutil.ignore_patterns("granucap"))
@@ -333,3 +363,18 @@ def test_noun_lexicon_is_built_when_missing_and_rebuilt_when_stale(tmp_path, cap
         again = lexicon.load(root)
     assert "built by other rules" in caplog.text
     assert again.parent("sofa") == "furniture" and json.loads(path.read_text())["rules"] == doc["rules"]
+    # built from other WordNet files: rebuilt as well
+    assert doc["wordnet_files"] == lexicon.wordnet_files(root) and doc["wordnet_files"]["data.noun"] > 0
+    path.write_text(json.dumps({**doc, "wordnet_files": {**doc["wordnet_files"], "data.noun": 1}, "parents": {}}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = lexicon.load(root)
+    assert "other WordNet files" in caplog.text
+    assert again.parent("sofa") == "furniture" and json.loads(path.read_text())["wordnet_files"] == doc["wordnet_files"]
+
+
+def test_lexicon_fingerprint_follows_the_rules_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = lexicon.rules_fingerprint()
+    assert lexicon.rules_fingerprint() == before
+    monkeypatch.setattr(lexicon, "RULES_VERSION", lexicon.RULES_VERSION + 1)
+    assert lexicon.rules_fingerprint() != before

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.backends.owlv2_exemplars import ExemplarDetector, list_exemplars
 from engine.config import ExemplarSpec, GroundSpec
-from engine.exemplars import ExemplarDetector, list_exemplars
 from engine.models.loading import resolve_model
 from engine.stages.ground import Ground
 from tests.test_ground_teacher import noise_jpeg, record

@@ -24,10 +24,10 @@ from PIL import Image
 from engine.backends.base import BackendSpec, ChatRequest
 from engine.backends.openai_chat import OpenAIChat
 from engine.config import ExtractSpec, RecaptionSpec
-from engine.entities import ENTITIES_JSON_SCHEMA
+from engine.errors import InfrastructureError
+from engine.language.entities import ENTITIES_JSON_SCHEMA
 from engine.records import Record
 from engine.retry import RetryPolicy, call_with_retries, parse_retry_after
-from engine.stages.base import InfrastructureError
 from engine.stages.extract import Extract
 from engine.stages.recaption import Recaption
 from engine.io.shards import ShardWriter

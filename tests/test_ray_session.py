@@ -1,5 +1,5 @@
-"""How a run starts and ends the Ray session it started (engine/runner.py `_ray_init`, `_stop_embedded_ray`), in
-fresh Python processes: the settings the session starts with, and what happens at interpreter exit."""
+"""How a run starts and ends the Ray session it started (engine/runner/session.py), seen from outside: fresh
+Python processes, each in a session of its own, whose Ray processes are found in /proc."""
 
 from __future__ import annotations
 
@@ -7,98 +7,119 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.procs import session_pids
+
+pytestmark = pytest.mark.slow
+
 GLIP = ["stages.recaption.backend=passthrough", "stages.extract.backend=nltk"]
 ROOT = Path(__file__).resolve().parents[1]
+DAEMONS = ("gcs_server", "raylet")
 
-# Starts Ray as a run does (embedded, or joined to ADDRESS), runs a task, and at exit (this hook is registered
-# first, so it runs last) writes what the session's processes looked like when `ray.shutdown` began and after.
+# Starts Ray as a run does (embedded, or joined to ADDRESS), runs a task and an actor, and writes the Ray daemons
+# of its own session to REPORT; with MODE "stop" it then stops the session as a run that ends early does, and
+# writes what is left of them while it is still alive.
 DRIVER = """
-import atexit, base64, json, sys
+import json, os, sys, time
 import ray
-from ray._private import worker
 from engine.config import load_config
-from engine.runner import _ray_init, worker_allocator
+from engine.runner.session import _ray_init, stop_session, worker_allocator
+from tests.test_ray_session import daemons
 
-report, address = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
-seen = {}
-atexit.register(lambda: json.dump(seen, open(report, "w")))
+report, mode, address = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
 config = load_config("pipelines/smoke.yaml", %r)
 _ray_init(config, address, worker_allocator(config, address))
 assert ray.get(ray.remote(lambda: 1).remote()) == 1
-node = worker._global_node
-processes = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
-seen["pids"] = {kind: [p.pid for p in ps] for kind, ps in processes.items()}
-for gcs in processes.get("gcs_server", []):  # the settings the GCS holds for the raylet and the workers
-    args = open(f"/proc/{gcs.pid}/cmdline").read().split("\\0")
-    encoded = next(a for a in args if a.startswith("--config_list="))
-    seen["system_config"] = json.loads(base64.b64decode(encoded.split("=", 1)[1]))
-shutdown = ray.shutdown
+@ray.remote(num_cpus=0)
+class Actor:
+    def pid(self):
+        return os.getpid()
 
-def watched_shutdown(*args, **kwargs):
-    seen["at_shutdown"] = {kind: [p.poll() for p in ps] for kind, ps in processes.items()}
-    shutdown(*args, **kwargs)
-    seen["after"] = {kind: [p.poll() for p in ps] for kind, ps in processes.items()}
-    seen["initialized_after"] = ray.is_initialized()
-
-ray.shutdown = watched_shutdown
+actor = Actor.remote()
+assert ray.get(actor.pid.remote()) != os.getpid()
+seen = {"running": daemons(os.getsid(0))}
+if mode == "stop":
+    stop_session()
+    deadline = time.monotonic() + 30
+    while daemons(os.getsid(0)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen["stopped"] = daemons(os.getsid(0))
+    seen["initialized"] = ray.is_initialized()
+json.dump(seen, open(report, "w"))
 """ % GLIP
 
 
-def _driver(tmp_path: Path, *address: str) -> tuple[dict, str]:
-    report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(report), *address], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(report.read_text()), proc.stderr
+def daemons(sid: int) -> dict[str, str]:
+    """The Ray daemons (GCS, raylet) of session `sid`: pid -> name."""
+    found = {}
+    for pid in session_pids(sid):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        name = Path(argv0).name
+        if name in DAEMONS:
+            found[str(pid)] = name
+    return found
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory) -> tuple[dict, str]:
-    """One run of the driver with a session of its own."""
-    return _driver(tmp_path_factory.mktemp("embedded"))
+def _driver(tmp_path: Path, mode: str, *address: str) -> tuple[dict, subprocess.CompletedProcess, int]:
+    """Run DRIVER in a session of its own to its end: (its report, the process, its session id)."""
+    report = tmp_path / f"report-{mode}.json"
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(report), mode, *address], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    sid = proc.pid  # a session leader's id is its pid
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(report.read_text()), subprocess.CompletedProcess(proc.args, 0, stdout, stderr), sid
 
 
-def test_an_embedded_session_stops_at_exit_with_the_autoscaler_monitor_killed_first(embedded):
-    seen, stderr = embedded
-    # The monitor is gone (killed: -9) before Ray's shutdown starts, while the GCS it would report to is up;
-    # stopped by Ray after the GCS instead, it hangs in its SIGTERM handler until killed a second later.
-    assert seen["at_shutdown"]["monitor"] == [-9]
-    assert seen["at_shutdown"]["gcs_server"] == [None] and seen["at_shutdown"]["raylet"] == [None]
-    # then Ray's shutdown stops everything else the session started
-    assert all(code is not None for codes in seen["after"].values() for code in codes), seen["after"]
-    assert seen["initialized_after"] is False
-    assert "autoscaler failed" not in stderr  # a monitor killed this way reports nothing to the driver
+def _left(sid: int, within: float = 10.0) -> list[int]:
+    """The processes of session `sid` still alive after waiting up to `within` seconds for none to be. A session
+    that was not stopped lingers far longer, until its daemons notice on their own that the driver is gone."""
+    deadline = time.monotonic() + within
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return session_pids(sid)
 
 
-def test_an_embedded_raylet_retries_its_start_up_connects_every_100_ms_for_as_long_as_rays_default(embedded):
-    config = embedded[0]["system_config"]
-    # Ray's default waits a whole second after a failed connect to the object store's socket, which the
-    # raylet often tries before the store listens: one run start in two lost that second
-    assert config["raylet_client_connect_timeout_milliseconds"] == 100
-    # the raylet and the workers still give up only after Ray's default 10 attempts x 1000 ms
-    assert config["raylet_client_num_connect_attempts"] * 100 == 10 * 1000
-    assert config["prestart_worker_first_driver"] is False
+def test_an_embedded_session_ends_with_the_process_that_started_it(tmp_path):
+    seen, _, sid = _driver(tmp_path, "exit")
+    assert sorted(seen["running"].values()) == sorted(DAEMONS)  # it started its own GCS and raylet
+    assert _left(sid) == []  # and nothing of it outlives the driver: daemons, workers, the actor's process
+
+
+def test_a_run_that_stops_early_stops_its_embedded_session_before_it_exits(tmp_path):
+    seen, _, sid = _driver(tmp_path, "stop")
+    assert sorted(seen["running"].values()) == sorted(DAEMONS)
+    # gone while the driver still runs: no worker of the run can write after its last manifest
+    assert seen["stopped"] == {} and seen["initialized"] is False
+    assert _left(sid) == []
 
 
 def test_a_driver_joined_to_a_cluster_leaves_the_clusters_processes_alone(tmp_path):
-    # the "cluster": a head started by another process, which a driver joins by address
+    # the "cluster": a head started by another process in its own session, which a driver joins by address
     head = subprocess.Popen(
         [sys.executable, "-c", "import ray, sys\n"
-         "ctx = ray.init(num_cpus=2, include_dashboard=False)\n"
-         "node = ray._private.worker._global_node\n"
-         "print(ctx.address_info['gcs_address'], node.all_processes['monitor'][0].process.pid, flush=True)\n"
+         "ray.init(num_cpus=2, include_dashboard=False)\n"
+         "print(ray.get_runtime_context().gcs_address, flush=True)\n"
          "sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, RAY_AUTH_MODE="disabled"))  # no token: the driver is no child of the head
     try:
-        address, monitor = head.stdout.readline().split()
-        seen, _ = _driver(tmp_path, address)
-        assert seen["pids"] == {}  # a joined driver started nothing, so it stops nothing
-        os.kill(int(monitor), 0)  # the cluster's monitor outlived the driver (ProcessLookupError otherwise)
+        address = head.stdout.readline().strip()
+        cluster = daemons(head.pid)
+        assert sorted(cluster.values()) == sorted(DAEMONS)
+        for mode in ("exit", "stop"):  # leaving at exit, and stopping early as a failed run does
+            seen, _, sid = _driver(tmp_path, mode, address)
+            assert seen["running"] == {}  # a joined driver started no daemon of its own
+            assert _left(sid) == []
+            assert daemons(head.pid) == cluster  # and the cluster's are the same processes, alive
     finally:
         head.stdin.close()
         head.wait(timeout=60)

@@ -15,7 +15,7 @@ wds = pytest.importorskip("webdataset")
 
 from engine.cli import main  # noqa: E402
 from engine.export import EXPORTERS, export  # noqa: E402
-from engine.inspect import summarize, write_html  # noqa: E402
+from engine.report import summarize, write_html  # noqa: E402
 from tests.conftest import s3_fs  # noqa: E402
 from tests.fakerun import make_run  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_an_incomplete_unit_on_s3_is_left_out_as_on_disk(runs, tmp_path):
 @pytest.fixture
 def train_runs(s3, tmp_path) -> tuple[Path, str]:
     """The synthetic shapes run (24 samples in 3 shards) on disk and on S3."""
-    from detector.synthetic import write_train_run
+    from engine.synthetic_runs import write_train_run
 
     local = write_train_run(tmp_path / "train", samples=24, shard_size=8, seed=3)
     return local, upload(local, f"{s3}/train")
@@ -171,7 +171,7 @@ def test_train_on_shards_on_s3_sees_what_training_on_disk_sees(train_runs, tmp_p
 
 def test_eval_reads_a_coco_set_on_s3_as_on_disk(s3, tmp_path, tiny_gdino):
     from detector.evaluate import evaluate
-    from detector.synthetic import write_coco_set
+    from engine.synthetic_runs import write_coco_set
 
     coco, images = write_coco_set(tmp_path / "val", samples=4, seed=1)
     remote = upload(tmp_path / "val", f"{s3}/val")
@@ -187,7 +187,7 @@ def test_selftrain_into_a_uri_writes_the_data_there_and_the_students_locally(s3,
     import detector.train
     import engine.runner
     from detector.config import TrainConfig
-    from detector.selftrain import self_train
+    from engine.selftrain import self_train
     from engine.config import load_config
 
     calls = []

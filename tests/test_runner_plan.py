@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 
-from engine.allocator import driver_malloc
 from engine.config import load_config
 from engine.io.plan import plan_units
 from engine.runner import build_dataset
@@ -47,7 +46,7 @@ def test_read_tasks_yield_decoded_blocks_of_decode_batch_size(demo_input):
     import pyarrow as pa
 
     from engine.records import from_table
-    from engine.runner import _read_units
+    from engine.runner.dataset import _read_units
 
     config = load_config("pipelines/smoke.yaml", GLIP + ["stages.decode.resources.batch_size=5"])
     units = plan_units([str(demo_input)], shard_size=12)
@@ -113,7 +112,8 @@ def test_input_sized_as_the_read_tasks_hand_it_on(demo_input):
     import pyarrow as pa
     from dataclasses import asdict
 
-    from engine.runner import _read_units, measure_sample_bytes, operators
+    from engine.runner import measure_sample_bytes, operators
+    from engine.runner.dataset import _read_units
 
     config = load_config("pipelines/smoke.yaml", GLIP)
     units = plan_units([str(demo_input)], shard_size=4)
@@ -137,6 +137,7 @@ def test_input_that_cannot_be_read_is_sized_from_its_rejected_rows_or_not_at_all
     import shutil
 
     from engine import runner
+    from engine.runner import sizing
 
     for tar in demo_input.glob("*.tar"):
         shutil.copy(tar, tmp_path)
@@ -152,7 +153,7 @@ def test_input_that_cannot_be_read_is_sized_from_its_rejected_rows_or_not_at_all
         raise OSError("the disk went away")
         yield
 
-    monkeypatch.setattr(runner, "read_unit", broken)
+    monkeypatch.setattr(sizing, "read_unit", broken)
     with caplog.at_level("WARNING", logger="engine.runner"):
         assert runner.measure_sample_bytes(plan_units([str(demo_input)], shard_size=4), config) is None
     assert "could not size the input's decoded samples (OSError: the disk went away); taking 256 KB" in caplog.text
@@ -185,6 +186,7 @@ def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session,
     import ray.data
 
     from engine import runner
+    from engine.runner import loop
 
     built, budgets, sizes = [], [], []
     real_build = runner.build_dataset
@@ -196,13 +198,10 @@ def test_a_run_split_into_several_datasets_writes_every_sample_once(ray_session,
         budgets.append(ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory)
         return dataset
 
-    monkeypatch.setattr(runner, "build_dataset", spy)
+    monkeypatch.setattr(loop, "build_dataset", spy)
     config = load_config("pipelines/smoke.yaml", GLIP + [f"cache_dir={model_cache}", "ray.max_samples_per_dataset=8"])
     with caplog.at_level("INFO", logger="engine.runner"):
         manifest = runner.run(config, inputs=[str(demo_input)], output=tmp_path)
-    # the driver's malloc was set before the Datasets ran (ray.driver_malloc_arenas, default 1; with glibc:
-    # "glibc malloc, at most 1 arena", tests/test_allocator.py) so they leave no fragments in many arenas
-    assert f"the driver's memory allocator: {driver_malloc(1)}" in caplog.text
     units = plan_units([str(demo_input)], shard_size=4)
     assert [u.size for u in units] == [4, 2, 4, 2]  # two tars of 6
     assert built == [[0, 1], [2, 3]]  # at most 8 samples each: two Datasets, the second after the first ended

@@ -19,11 +19,10 @@ from PIL import Image
 
 pytest.importorskip("webdataset")
 
-from detector.config import OptimSpec, TrainConfig, load_train_config  # noqa: E402
+from detector.config import OptimSpec, TrainConfig, TrainConfigError, load_train_config  # noqa: E402
 from detector.data import ConceptDictionary, Sample, augment, collate, iter_shard_samples  # noqa: E402
-from detector.synthetic import write_shapes  # noqa: E402
 from detector.train import lr_factor  # noqa: E402
-from engine.config import ConfigError  # noqa: E402
+from engine.synthetic_runs import write_shapes  # noqa: E402
 
 torch.set_num_threads(1)  # the test machine is shared: keep this process to one core
 
@@ -152,10 +151,22 @@ def test_train_config_validates_and_flags_override(tmp_path):
     config = load_train_config(path, {"steps": 20, "workers": None, "model.freeze_backbone": True})
     assert (config.steps, config.optim.lr, config.data.negatives, config.model.freeze_backbone) == (20, 0.01, 3, True)
     path.write_text(yaml.safe_dump({"optim": {"lr": -1}}))
-    with pytest.raises(ConfigError, match="optim.lr"):
+    with pytest.raises(TrainConfigError, match="optim.lr"):
         load_train_config(path)
-    with pytest.raises(ConfigError, match="stpes"):
+    with pytest.raises(TrainConfigError, match="stpes"):
         load_train_config(None, {"stpes": 3})
+
+
+def test_bad_train_config_is_a_usage_error_on_the_command_line(tmp_path, capsys):
+    """The detector has its own config error; the CLI still answers it with exit 2 and the field's name."""
+    from engine.cli import main
+
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": -1}}))
+    code = main(["train", "--shards", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--config", str(path)])
+    assert code == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any training started
 
 
 def test_lr_schedule_warmup_cosine_and_step():
@@ -340,8 +351,8 @@ def test_selftrain_chains_student_into_next_teacher(tmp_path, monkeypatch):
     """Wiring only (the runner and the trainer have their own tests): round n+1's teacher is round n's student."""
     import detector.train
     import engine.runner
-    from detector.selftrain import self_train
     from engine.config import load_config
+    from engine.selftrain import self_train
 
     calls = []
 

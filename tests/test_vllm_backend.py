@@ -20,7 +20,7 @@ from PIL import Image
 
 from engine.backends.base import BackendSpec, ChatRequest, make_chat_backend
 from engine.config import ExtractSpec, RecaptionSpec, VllmOptions
-from engine.entities import bounded_entities_schema, parse_entities_json
+from engine.language.entities import bounded_entities_schema, parse_entities_json
 from engine.records import Record
 from engine.stages.extract import Extract
 from engine.stages.recaption import Recaption

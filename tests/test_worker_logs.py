@@ -1,6 +1,7 @@
-"""The Ray workers' output kept in the run's output instead of the driver's terminal (engine/worker_logs.py), on
-real Ray sessions: an embedded one (with a second job joined to it, as on a shared cluster) and a two-node
-`ray.cluster_utils.Cluster` whose second node keeps its logs in a folder of its own."""
+"""The Ray workers' output kept in the run's output instead of the driver's terminal
+(engine/runner/worker_logs.py), on real Ray sessions: an embedded one (with a second job joined to it, as on a
+shared cluster) and a two-node `ray.cluster_utils.Cluster` whose second node keeps its logs in a folder of its
+own."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.io.storage import Location
-from engine.worker_logs import KEEP_RUNS, LOGS, WorkerLogs, ray_init_kwargs
+from engine.runner.worker_logs import KEEP_RUNS, LOGS, WorkerLogs, ray_init_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_a_nodes_file_holds_the_jobs_lines_of_every_worker_file_ray_writes(tmp_p
     it; one started before any job (`ffffffff`) says which job took it in a `:job_id:` line; with
     `RAY_ROTATION_MAX_BYTES` a file has older parts `.1`, `.2` (the highest the oldest); Ray's log monitor moves
     a dead worker's file into `old/`."""
-    from engine.worker_logs import node_log
+    from engine.runner.worker_logs import node_log
 
     logs = tmp_path / "logs"
     (logs / "old").mkdir(parents=True)
@@ -122,7 +123,7 @@ def test_a_nodes_file_holds_the_jobs_lines_of_every_worker_file_ray_writes(tmp_p
 
 
 def test_a_worker_file_larger_than_the_limit_keeps_its_end_and_says_what_it_left_out(tmp_path):
-    from engine.worker_logs import MAX_STREAM_BYTES, node_log
+    from engine.runner.worker_logs import MAX_STREAM_BYTES, node_log
 
     lines = [f"line {i:09d}\n" for i in range(MAX_STREAM_BYTES // 15 + 1000)]  # 15 bytes a line
     (tmp_path / "worker-ab-01000000-11.out").write_text(":job_id:01000000\n" + "".join(lines))
@@ -184,7 +185,7 @@ class TestEmbedded:
         """The fallback for a Ray without `get_temp_dir` names the same folder."""
         import ray
 
-        from engine.worker_logs import logs_dir, open_logs_dir
+        from engine.runner.worker_logs import logs_dir, open_logs_dir
 
         by_api, by_files = ray.get(ray.remote(lambda: (logs_dir(), open_logs_dir())).remote())
         assert by_api == by_files and os.path.isdir(by_files) and Path(by_files).name == "logs"
@@ -218,7 +219,7 @@ class TestEmbedded:
         logs = WorkerLogs.start(out, "20260103T000000Z-eeeeee")
         ray.get(ray.remote(chatty).remote("before-shutdown"))
         ray.shutdown()
-        with caplog.at_level(logging.WARNING, logger="engine.worker_logs"):
+        with caplog.at_level(logging.WARNING, logger="engine.runner.worker_logs"):
             uri = logs.collect()
         assert uri == out.uri_of(f"{LOGS}/20260103T000000Z-eeeeee")
         text = "".join(kept(out, "20260103T000000Z-eeeeee").values())
@@ -265,7 +266,7 @@ def test_a_second_nodes_own_log_folder_is_kept_too_and_named_in_a_warning_when_r
 
         # with Ray down only this machine's folder can be read: the second node's is reported, not lost silently
         ray.shutdown()
-        with caplog.at_level(logging.WARNING, logger="engine.worker_logs"):
+        with caplog.at_level(logging.WARNING, logger="engine.runner.worker_logs"):
             assert logs.collect() == out.uri_of(f"{LOGS}/20260104T000000Z-ffffff")
         assert any(own in r.getMessage() and "Ray is not up" in r.getMessage()
                    for r in caplog.records), [r.getMessage() for r in caplog.records]

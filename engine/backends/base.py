@@ -13,6 +13,8 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image
 
+from engine.errors import is_infrastructure_error
+
 log = logging.getLogger(__name__)
 
 
@@ -104,8 +106,6 @@ def run_isolating_failures(
     """`run(items)` for the whole batch; when it raises, each item alone, so that one bad request (a prompt
     over the context, an odd image) fails alone with its error. Infrastructure errors propagate; `check`
     may turn a backend's own fatal errors into one first."""
-    from engine.stages.base import is_infrastructure_error
-
     try:
         return run(items)
     except Exception as exc:  # noqa: BLE001 - sorted below

@@ -30,8 +30,8 @@ from typing import Any
 
 from engine.backends.base import BackendSpec, ChatRequest, ChatResult
 from engine.config import OpenAIOptions
+from engine.errors import InfrastructureError
 from engine.retry import RetryPolicy, call_with_retries, is_retryable_status, parse_retry_after
-from engine.stages.base import InfrastructureError
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 
 from engine.backends.base import BackendSpec, ChatRequest, ChatResult, run_isolating_failures
 from engine.config import VllmOptions
+from engine.errors import InfrastructureError
 from engine.models.loading import resolve_model
-from engine.stages.base import InfrastructureError
 
 log = logging.getLogger(__name__)
 

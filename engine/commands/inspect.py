@@ -32,7 +32,7 @@ def console():
 def cmd_inspect(args: argparse.Namespace) -> int:
     from engine.io.completeness import require_complete
     from engine.io.shards import open_run
-    from engine.inspect import completeness_line, summarize, write_html
+    from engine.report import completeness_line, summarize, write_html
 
     run = open_run(args.run_dir)  # one reachability check, shared by the summary and the page
     completeness = require_complete(run, allow_partial=args.allow_partial, action="inspect")
@@ -104,7 +104,7 @@ def _budget(plan: dict) -> str:
 def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None = None, as_json: bool = False,
               allow_config_change: bool = False) -> int:
     """Print what `granucap run` would do; used by `granucap run --dry-run`."""
-    from engine.inspect import plan_summary
+    from engine.report import plan_summary
 
     plan = plan_summary(config, inputs, output, ray_address=ray_address, allow_config_change=allow_config_change)
     if as_json:
@@ -130,7 +130,6 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
     )
     out.print(f"Ray workers' memory allocator: {plan['worker_allocator']}", markup=False,
               style="red" if plan["worker_allocator"].startswith("error") else None)
-    out.print(f"the driver's memory allocator: {plan['driver_malloc']}", markup=False)
     if plan["same_plan_as_output"] is False:
         out.print("[red]the output holds a different input plan: `granucap run` would refuse it[/red]")
     out.print(f"output writable, not locked by another run; config fingerprint {plan['fingerprint']}")

@@ -1,6 +1,8 @@
 """The student's subcommands: `granucap train`, `granucap eval`, `granucap selftrain`, `granucap shapes`.
 
 Training flags override the keys of `--config` (detector/config.py has them all); see docs/student.md.
+`selftrain` and `shapes` run on the engine's side (engine/selftrain.py, engine/synthetic_runs.py): the
+detector only trains and scores (detector/__init__.py).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_selftrain(args: argparse.Namespace) -> int:
-    from detector.selftrain import self_train
     from engine.config import load_config
+    from engine.selftrain import self_train
 
     pipeline = load_config(args.pipeline, args.set)
     rounds = self_train(pipeline, inputs=args.input, output=args.output, rounds=args.rounds,
@@ -51,7 +53,7 @@ def cmd_selftrain(args: argparse.Namespace) -> int:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from detector.synthetic import write_shapes
+    from engine.synthetic_runs import write_shapes
 
     print(json.dumps(write_shapes(args.dest, train=args.train, val=args.val, seed=args.seed)))
     return 0

@@ -9,7 +9,7 @@
                     it and takes it (at once when the holder ran on the same host and its process is gone).
 
 A run that finds the lock held stops at once with `OutputLocked`, whose one line names the holder. Temporary
-files of killed writers are removed only by the lock's holder (engine/runner.py), so a starting run never
+files of killed writers are removed only by the lock's holder (engine/runner/loop.py), so a starting run never
 deletes the files of a run that is writing.
 
 A holder that stalls longer than `stale_s` (a suspended laptop, a long GC pause of the process) may find its

@@ -34,8 +34,7 @@ import pyarrow.parquet as pq
 
 from engine.io import storage
 from engine.io.storage import Location
-from engine.records import Record, to_table
-from engine.stages.decode import merge_meta
+from engine.records import Record, merge_meta, to_table
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,11 @@ def is_dummy(ref: str | None) -> bool:
     return bool(ref) and ref.startswith(TINY_PREFIX)
 
 
+def model_label(ref: str | None) -> str:
+    """The model as provenance names it: the reference, marked when its weights are random."""
+    return (ref or "") + (" (dummy weights)" if is_dummy(ref) else "")
+
+
 def cache_root(cache_dir: str | None = None) -> Path:
     """`cache_dir`, else $GRANUCAP_CACHE, else ~/.cache/granucap."""
     root = cache_dir or os.environ.get("GRANUCAP_CACHE") or Path.home() / ".cache" / "granucap"

@@ -12,14 +12,14 @@ import json
 from engine.backends.base import BackendSpec, ChatBackend, ChatRequest, chat_backend_options, make_chat_backend
 from engine.backends.base import usage_of
 from engine.config import AnnotateSpec
-from engine.entities import ENTITIES_JSON_SCHEMA, EntityFormatError, bounded_entities_schema
-from engine.entities import extract_noun_phrase_entities
-from engine.entities import normalize_entities, parse_entities_json
+from engine.images import open_rgb
+from engine.language.entities import ENTITIES_JSON_SCHEMA, EntityFormatError, bounded_entities_schema
+from engine.language.entities import normalize_entities, parse_entities_json
+from engine.language.noun_phrases import extract_noun_phrase_entities
+from engine.models.loading import model_label
 from engine.prompts import Prompt, load_prompt
 from engine.records import Record
 from engine.stages.base import Stage
-from engine.stages.decode import open_rgb
-from engine.stages.recaption import model_label
 
 
 def annotate_request(prompt: Prompt, system: Prompt, *, caption: str, image=None, max_tokens: int = 384,
@@ -56,7 +56,7 @@ class Annotate(Stage):
     def setup(self) -> None:
         spec: AnnotateSpec = self.spec
         if spec.fallback == "nltk":
-            from engine.nltk_data import ensure_nltk_path
+            from engine.language.nltk_data import ensure_nltk_path
 
             ensure_nltk_path()
         options = chat_backend_options(spec, self.cache_dir)

@@ -11,18 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+from engine.errors import is_infrastructure_error
 from engine.records import Record
 
 log = logging.getLogger(__name__)
-
-
-class InfrastructureError(RuntimeError):
-    """The worker cannot go on (engine dead, device lost): not the sample's fault, so it is not a row."""
-
-
-def is_infrastructure_error(exc: BaseException) -> bool:
-    """The machine, not the sample, is the problem: the worker should die and Ray retry elsewhere."""
-    return isinstance(exc, (InfrastructureError, MemoryError))
 
 
 def is_device_oom(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ Rules, in order (first failure rejects the sample with stage "decode"):
   4. The longer side is resized to <= `max_side` (LANCZOS, reducing_gap=3), the image re-encoded as JPEG at
      `jpeg_quality` into `image`; `width`/`height` are the final size. Pillow warnings go to
      `meta.decode_warnings`.
-Rejected samples keep their original bytes. `open_rgb(bytes)` gives later stages the RGB image back.
+Rejected samples keep their original bytes; later stages open the JPEG with `engine.images.open_rgb`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import PIL
 from PIL import Image, ImageOps
 
 from engine.config import DecodeSpec
-from engine.records import Record
+from engine.records import Record, merge_meta
 from engine.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,6 @@ class DecodeReject(Exception):
         self.kind = kind
 
 
-def open_rgb(data: bytes) -> Image.Image:
-    """The RGB image of `record.image` (as written by Decode) for later stages."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB") if im.mode != "RGB" else im.copy()
-
-
 def clean_caption(text: str | None, *, max_chars: int) -> tuple[str, int | None]:
     """(cleaned caption, original length if it was cut else None); "" means empty."""
     if text is None:
@@ -77,21 +70,6 @@ def clean_caption(text: str | None, *, max_chars: int) -> tuple[str, int | None]
         if space > max_chars // 2:
             cut = cut[:space]
     return cut.rstrip(), len(joined)
-
-
-def merge_meta(meta: str | None, updates: dict[str, Any]) -> str | None:
-    """Merge keys into a record's JSON meta; a non-object meta is kept under "meta_raw"."""
-    if not updates:
-        return meta
-    base: dict[str, Any] = {}
-    if meta:
-        try:
-            loaded = json.loads(meta)
-        except ValueError:
-            loaded = meta
-        base = loaded if isinstance(loaded, dict) else {"meta_raw": loaded}
-    base.update(updates)
-    return json.dumps(base, ensure_ascii=False, sort_keys=True, default=str)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -218,4 +196,4 @@ class Decode(Stage):
         return rgb
 
 
-__all__ = ["Decode", "DecodeReject", "clean_caption", "merge_meta", "open_rgb"]
+__all__ = ["Decode", "DecodeReject", "clean_caption"]

@@ -19,18 +19,18 @@ from engine.backends.base import (
     usage_of,
 )
 from engine.config import ExtractSpec
-from engine.entities import (
+from engine.language.entities import (
     EntityFormatError,
     bounded_entities_schema,
-    extract_noun_phrase_entities,
     is_none_answer,
     normalize_entities,
     parse_entities_json,
 )
+from engine.language.noun_phrases import extract_noun_phrase_entities
+from engine.models.loading import model_label
 from engine.prompts import Prompt, load_prompt
 from engine.records import Record
 from engine.stages.base import Stage
-from engine.stages.recaption import model_label
 
 
 class Extract(Stage):
@@ -57,7 +57,7 @@ class Extract(Stage):
     def setup(self) -> None:
         spec: ExtractSpec = self.spec
         if spec.backend == "nltk" or spec.fallback == "nltk":
-            from engine.nltk_data import ensure_nltk_path
+            from engine.language.nltk_data import ensure_nltk_path
 
             ensure_nltk_path()
         if spec.backend == "nltk":
@@ -150,7 +150,7 @@ class Extract(Stage):
         record.stamp(
             self.name,
             spec.backend + note,
-            model=model_label(spec.model or ""),
+            model=model_label(spec.model),
             prompt_id="+".join(p.id for p in ids),
             prompt_sha256="+".join(p.sha256 for p in ids),
             params=json.dumps(self._params | {"usage": usage_of(results)}, sort_keys=True),

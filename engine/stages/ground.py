@@ -6,9 +6,10 @@ and records which field matched. When one text belongs to several entities, a ph
 category match, then the first entity in caption order. A box passes its field's threshold
 (`phrase_threshold` / `category_threshold`, else `box_threshold`).
 
-Optional: CLIP re-scoring of the kept boxes (engine/rescore.py; thresholds apply to the detector score
-before it, the filter's `min_score` to the score after it) and visual exemplars (engine/exemplars.py),
-whose boxes go to the first entity of the exemplar's category with `matched="exemplar"`.
+Optional: CLIP re-scoring of the kept boxes (engine/backends/clip_rescore.py; thresholds apply to the detector
+score before it, the filter's `min_score` to the score after it) and visual exemplars
+(engine/backends/owlv2_exemplars.py), whose boxes go to the first entity of the exemplar's category with
+`matched="exemplar"`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 
 from engine.backends.base import BackendSpec, GroundingBackend, make_grounding_backend
 from engine.config import GroundSpec
+from engine.images import open_rgb
 from engine.models.loading import is_dummy
 from engine.records import Record
 from engine.stages.base import Stage
-from engine.stages.decode import open_rgb
 
 _SPACES = re.compile(r"\s+")
 
@@ -128,12 +129,12 @@ class Ground(Stage):
         }
         self.backend = make_grounding_backend(spec.backend, BackendSpec(model=spec.model, options=options))
         if spec.rescore.enabled:
-            from engine.rescore import ClipRescorer
+            from engine.backends.clip_rescore import ClipRescorer
 
             self.rescorer = ClipRescorer(spec.rescore.model, cache_dir=self.cache_dir, device=spec.device,
                                          dtype=spec.dtype, batch_size=spec.rescore.batch_size)
         if spec.exemplars.dir:
-            from engine.exemplars import ExemplarDetector
+            from engine.backends.owlv2_exemplars import ExemplarDetector
 
             ex = spec.exemplars
             self.exemplars = ExemplarDetector(ex.dir, model=ex.model, threshold=ex.threshold, nms_iou=ex.nms_iou,
@@ -177,7 +178,7 @@ class Ground(Stage):
     def _rescore(self, records: list[Record], images: list, plans: list[PromptPlan],
                  texts: list[list[str]]) -> None:
         """score <- sqrt(score * CLIP prob of the box's text among the sample's texts), YOLO-World style."""
-        from engine.rescore import Crop, combine
+        from engine.backends.clip_rescore import Crop, combine
 
         crops = [Crop(k, tuple(box["xyxy"]), plans[k].texts.index(text))
                  for k, record in enumerate(records) for box, text in zip(record.boxes, texts[k])]

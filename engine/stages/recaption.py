@@ -16,15 +16,11 @@ from engine.backends.base import (
     usage_of,
 )
 from engine.config import RecaptionSpec
-from engine.models.loading import is_dummy
+from engine.images import open_rgb
+from engine.models.loading import model_label
 from engine.prompts import load_prompt
 from engine.records import Record
 from engine.stages.base import Stage
-from engine.stages.decode import open_rgb
-
-
-def model_label(ref: str) -> str:
-    return ref + (" (dummy weights)" if is_dummy(ref) else "")
 
 
 class Recaption(Stage):
@@ -76,7 +72,7 @@ class Recaption(Stage):
             record.stamp(
                 self.name,
                 spec.backend,
-                model=model_label(spec.model or ""),
+                model=model_label(spec.model),
                 prompt_id=self.prompt.id,
                 prompt_sha256=self.prompt.sha256,
                 params=json.dumps(self._params | {"usage": usage_of([result])}, sort_keys=True),

@@ -13,23 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.demo import write_demo_input
+from tests.procs import session_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def session_pids(sid: int) -> list[int]:
-    """Every process of a session: the driver, Ray's gcs/raylet and its workers (own process groups)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: session id
-                pids.append(int(entry.name))
-    return pids
 
 
 def kill_session(proc: subprocess.Popen) -> None:

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from engine.errors import InfrastructureError
 from engine.records import Record
-from engine.stages.base import InfrastructureError, Stage
+from engine.stages.base import Stage
 
 
 def batch(n, huge=()):

@@ -11,6 +11,9 @@ trained and then loaded as teachers from local disk, go to the local folder `stu
 
 Both steps resume (the runner skips finished shards, the trainer restarts from its newest checkpoint), so
 rerunning the same command after a crash continues where it stopped.
+
+This loop lives on the engine's side because it drives the runner; the detector only trains and scores
+(detector/__init__.py says what it may import).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def self_train(pipeline: PipelineConfig, *, inputs: list[str], output: str | Pat
                students: str | Path | None = None) -> list[dict[str, Any]]:
     """Run `rounds` teacher -> shards -> student rounds; returns per round the teacher, counts and summary.
     `students` (a local folder, default `output`) holds round-N/student."""
+    # imported when a loop runs: the trainer brings torch, the runner the whole pipeline
     from detector.train import train
     from engine.runner import run
 

@@ -272,7 +272,6 @@ def plan_summary(
     (OutputLocked), made with another config (ConfigChanged, unless `allow_config_change`)."""
     from engine.fingerprint import fingerprint_of, shaping
     from engine.io.lock import check_unlocked
-    from engine.allocator import driver_malloc
     from engine.io.shards import complete_units
     from engine.io.storage import Location
     from engine.runner import (
@@ -345,6 +344,5 @@ def plan_summary(
         "fingerprint": fingerprint_of(shape),  # of the config: the complete units were made with it (or allowed)
         "ray_address": address,
         "worker_allocator": allocator,  # what Ray's workers would run with (engine/allocator.py)
-        "driver_malloc": driver_malloc(config.ray.driver_malloc_arenas),  # the driver's, as `run` would set it
         "inputs": sorted({u.path for u in units}),
     }

@@ -9,14 +9,16 @@ Sources (both installed by install.sh, nothing is fetched here):
   written as NLTK 3.10's JSON model (`taggers/averaged_perceptron_tagger_eng/*.json`). The runtime never
   reads pickle. Its features and normalisation are identical to NLTK's PerceptronTagger.
 
-- The extractor's noun lexicon (`{DATA}/granucap/noun-lexicon.json`, engine/lexicon.py), derived from that
-  WordNet: what the extractor asks of WordNet, precomputed (≈ 7 s once) so that no process loads WordNet.
+The folder also holds the extractor's noun lexicon (`{DATA}/granucap/noun-lexicon.json`,
+engine/language/lexicon.py), derived from that WordNet: `granucap nltk-data install` builds it after the files
+above, and a process that finds it missing builds it on first use. This module knows nothing of it, so that
+the lexicon can depend on the folder and not the other way round.
 
 Not needed: punkt (`word_tokenize(..., preserve_line=True)`), omw (only WordNet's multilingual functions
 read it; the English lemmatiser and synsets do not).
 
 Folder: `$GRANUCAP_NLTK_DATA`, default `~/.local/share/granucap/nltk_data`.
-Commands: `python -m engine.nltk_data install` (idempotent) and `python -m engine.nltk_data check`.
+Commands (engine/commands/nltk_data.py): `granucap nltk-data install` (idempotent) and `granucap nltk-data check`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import json
 import logging
 import os
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ APT_PACKAGES = ("wordnet-base", "wordnet-sense-index")
 TAGGER_DIST = "textblob-aptagger"
 TAGGER_PICKLE = "textblob_aptagger/trontagger-0.1.0.pickle"
 INSTALL_HINT = (
-    "run `python -m engine.nltk_data install` (needs `apt-get install wordnet-base wordnet-sense-index` "
+    "run `granucap nltk-data install` (needs `apt-get install wordnet-base wordnet-sense-index` "
     "and `pip install --no-deps textblob-aptagger`)"
 )
 
@@ -121,6 +122,20 @@ def ensure_nltk_path() -> Path:
     return root
 
 
+def wordnet_reader(root: Path) -> Any:
+    """NLTK's WordNet reader for the WordNet files under the data folder `root` (the tagger is not needed)."""
+    import nltk
+
+    if any(rel.startswith("corpora/wordnet/") for rel in missing_files(root=root)):
+        raise NltkDataMissing(f"no WordNet under {root}: {INSTALL_HINT}")
+    if str(root) not in nltk.data.path:
+        nltk.data.path.insert(0, str(root))
+    from nltk.corpus import wordnet
+
+    wordnet.ensure_loaded()
+    return wordnet
+
+
 # ---------------------------------------------------------------------------------------------------- install
 
 
@@ -175,7 +190,9 @@ def _convert_tagger(src: Path) -> dict[str, bytes]:
 
 
 def install(*, root: Path | None = None, wordnet_source: Path = WORDNET_SOURCE, force: bool = False) -> Path:
-    """Fill the data folder (idempotent: files already there with the right size are kept)."""
+    """Fill the data folder with WordNet and the tagger (idempotent: files already there with the right size
+    are kept). The noun lexicon is built from them by `lexicon.load`, which `granucap nltk-data install` calls
+    next."""
     root = (root or data_dir()).expanduser().resolve()
     wn_dir = root / "corpora" / "wordnet"
     absent = [f for f in WORDNET_FILES if not (wordnet_source / f).is_file()]
@@ -210,9 +227,6 @@ def install(*, root: Path | None = None, wordnet_source: Path = WORDNET_SOURCE, 
         "tagger_source": f"{TAGGER_DIST} {importlib.metadata.version(TAGGER_DIST)}",
         "tagger_source_sha256": src_sha,
     }
-    from engine.lexicon import load as load_lexicon
-
-    load_lexicon(root)  # the extractor's noun lexicon, built from this WordNet when missing or stale
     atomic_write_bytes(marker, json.dumps(info, indent=2).encode())
     return root
 
@@ -230,19 +244,3 @@ def check() -> str:
         raise NltkDataMissing(f"tagger under {data_dir()} tags badly ({tags}): {INSTALL_HINT}")
     return f"NLTK data OK in {data_dir()} (WordNet {wn.get_version()}, tagger {len(tags)} tags)"
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
-    try:
-        if command == "install":
-            folder = install(force="--force" in sys.argv[2:])
-            log.info("%s", check())
-        elif command == "check":
-            log.info("%s", check())
-        else:
-            sys.stderr.write("usage: python -m engine.nltk_data {install [--force] | check}\n")
-            sys.exit(2)
-    except (NltkDataMissing, LookupError, OSError, ValueError) as exc:
-        log.error("%s", exc)
-        sys.exit(1)

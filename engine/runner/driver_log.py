@@ -6,7 +6,7 @@ tracebacks). None of it is for the operator of a run: `DriverLog` points file de
 the run's life (`sys.stderr` included, since libraries imported during the run make their handlers from it),
 and gives granucap's own output (the progress view, records of the `granucap` / `engine` / `detector`
 loggers) `terminal`, a stream on the original descriptor. The runner copies
-the file into OUT/logs/RUN_ID/ with the workers' logs when the run ends (engine/worker_logs.py).
+the file into OUT/logs/RUN_ID/ with the workers' logs when the run ends (worker_logs.py).
 """
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ Only totals are compared: an actor must also find its whole share on one node (a
 one GPU), which a cluster of many small nodes can fail even when the totals fit. A cluster that grows on
 demand cannot be judged by what it has now, and Ray has no public way to ask whether it will grow: with
 `wait=True` (the pipeline's `ray.autoscaling`) the shortfall comes back as a message to show instead.
-
-This module imports the runner, so the runner imports it inside `run`.
 """
 
 from __future__ import annotations
@@ -19,7 +17,8 @@ import math
 from dataclasses import dataclass
 
 from engine.config import PipelineConfig
-from engine.runner import RunError, stage_names, uses_model
+from engine.errors import RunError
+from engine.runner.stages import stage_names, uses_model
 
 CPU, GPU = "CPU", "GPU"  # the names Ray gives them in `ray.cluster_resources()`
 # Ray counts resources in units of 1/10,000: totals a rounding error above what the cluster has still fit.

@@ -3,6 +3,9 @@
 `write_shapes(dest)` writes `dest/train`, a GranuCap run (shards, parquet index, stats markers, written by
 the engine's own `ShardWriter`), and `dest/val`, a COCO-format set (`images/`, `annotations.json`) whose
 category names ("red square", "blue circle") are the prompts `granucap eval` uses.
+
+It produces shards, so it sits with the engine (`granucap shapes`, the student's tests) rather than in
+`detector/`, which only reads them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from engine.io.shards import ShardWriter
+from engine.records import Record
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +61,6 @@ def _entity(name: str) -> dict[str, str]:
 
 def write_train_run(dest: str | Path, *, samples: int, shard_size: int, seed: int) -> Path:
     """A GranuCap run dir of `samples` ok records, written with the engine's ShardWriter."""
-    from engine.records import Record
-    from engine.io.shards import ShardWriter
-
     dest = Path(dest)
     rng = random.Random(seed)
     units = {u: min(shard_size, samples - u * shard_size) for u in range((samples + shard_size - 1) // shard_size)}

@@ -1,0 +1,252 @@
+"""The Ray Data plan of one Dataset, and the functions and actors it runs on the workers.
+
+    units ─► read + decode (tasks) ─► recaption ─► extract ─► ground + filter (actor pools)
+          ─► write (tasks: one unit's shard, index part and marker, straight to the output) ─► driver: reports
+
+Each read task reads one work unit and runs decode (and any CPU stage before the first model stage, e.g. a
+passthrough recaption) on it `decode.resources.batch_size` rows at a time; the raw image bytes never go through
+the object store, and one pool of task workers serves both. A CPU stage right after a model stage (filter after
+ground) runs inside that stage's actors (`stages.operators`).
+
+A unit travels as one block from its read task to its write task: Ray Data never splits a block it bundles for
+a map, and with no block size limit (`target_max_block_size = None`) each task's output is one block, so the
+write task always holds whole units (it checks, and refuses to write a partial one). It writes them on the node
+that holds them, claiming their keys from the run's `KeyClaims` actor first, and hands the driver a report of a
+few hundred bytes per unit: the driver never sees an image or a record.
+
+Ray pickles the functions and classes below by reference (module and name), so they stay at the top level of
+this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from engine.config import PipelineConfig, Resources
+from engine.io.inputs import Unit
+from engine.io.readers import read_unit
+from engine.io.shards import KeyClaims, completed_keys, shard_files, write_unit
+from engine.io.storage import Location
+from engine.records import Record, from_table, to_table
+from engine.errors import RunError
+from engine.runner.sizing import data_memory_budget
+from engine.runner.stages import build_stage, operators
+
+CHAOS_ENV = "GRANUCAP_CHAOS_KILL_ONCE"
+
+REPORT_SCHEMA = pa.schema([
+    ("unit", pa.int64()),
+    ("stats", pa.string()),  # the unit's marker, as written (an earlier attempt's, when it had written it)
+    ("node", pa.string()),  # the Ray node that wrote it
+    ("rows_bytes", pa.int64()),  # Arrow bytes of the unit's rows as the write task received them
+])
+
+
+def _read_units(batch: pa.Table, *, names: tuple[str, ...], config_json: str) -> Iterator[pa.Table]:
+    """Read each unit of `batch` and run the stages `names` (decode first) on it, `decode.resources.batch_size`
+    rows at a time; each batch is yielded as soon as it is done (it bounds the task's records in Python; Ray
+    Data joins the yielded tables into blocks of up to 128 MiB before handing them on)."""
+    config = PipelineConfig.model_validate_json(config_json)
+    stages = [build_stage(name, config) for name in names]
+    rows_per_block = config.stages.decode.resources.batch_size
+
+    def block(rows: list[Record]) -> pa.Table:
+        for stage in stages:
+            rows = stage(rows)
+        return to_table(rows)
+
+    for row in batch.to_pylist():
+        rows: list[Record] = []
+        for record in read_unit(Unit(**row), config.storage_options):
+            rows.append(record)
+            if len(rows) == rows_per_block:
+                yield block(rows)
+                rows = []
+        if rows:
+            yield block(rows)
+
+
+def _chaos(name: str) -> None:
+    """Fault injection for the reliability tests: with GRANUCAP_CHAOS_KILL_ONCE=STAGE:PATH[:N] the first N
+    batches (default 1) that reach STAGE's actors kill their worker process (as a segfault or a lost node
+    would), once each: PATH (then PATH.2, ... PATH.N) records that it happened. Unset, this costs one
+    dictionary lookup per batch."""
+    spec = os.environ.get(CHAOS_ENV)
+    if not spec:
+        return
+    stage, _, rest = spec.partition(":")
+    path, _, times = rest.partition(":")
+    if stage != name or not path:
+        return
+    for i in range(1, int(times or 1) + 1):
+        try:
+            fd = os.open(path if i == 1 else f"{path}.{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        os._exit(137)
+
+
+class _StageActor:
+    """One model stage (and the CPU stages fused after it) per Ray actor: the model loads once, then serves
+    batch after batch."""
+
+    def __init__(self, *, names: tuple[str, ...], config_json: str) -> None:
+        config = PipelineConfig.model_validate_json(config_json)
+        self.names = names
+        self.stages = [build_stage(name, config) for name in names]
+        for stage in self.stages:
+            stage.setup()
+            stage._ready = True
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        records = from_table(table)
+        for name, stage in zip(self.names, self.stages):
+            _chaos(name)
+            records = stage(records)
+        return to_table(records)
+
+
+class _KeyClaimsActor:
+    """The run's `KeyClaims` in one Ray actor that every write task asks; seeded with the keys of the units
+    completed before this run started (read from their index parts, here rather than in the driver)."""
+
+    def __init__(self, output: str, storage_options: dict[str, Any], units: list[int]) -> None:
+        self.claims = KeyClaims(completed_keys(Location(output, storage_options), units))
+
+    def claim(self, unit: int, keys: list[str]) -> list[str]:
+        return self.claims.claim(unit, keys)
+
+    def commit(self, unit: int) -> None:
+        self.claims.commit(unit)
+
+    def size(self) -> int:
+        return len(self.claims)
+
+
+def _start_key_claims(out: Location, done_units: list[int]):
+    """The run's `KeyClaims` actor, on this node (it lives as long as the driver does)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0, max_restarts=0)(_KeyClaimsActor).options(scheduling_strategy=here)
+    claims = actor.remote(out.uri, out.storage_options, done_units)
+    ray.get(claims.size.remote())  # seeded before any write task asks
+    return claims
+
+
+def _write_units(
+    batch: pa.Table, *, output: str, storage_options: dict[str, Any], expected: dict[int, tuple[int, bool]],
+    claims: Any, fingerprint: str | None = None,
+) -> pa.Table:
+    """Write every unit of `batch` (whole units only: see the module docstring) to the output: shard, index
+    part, marker; return one report row per unit."""
+    import pyarrow.compute as pc
+    import ray
+
+    location = Location(output, storage_options)
+    node = ray.get_runtime_context().get_node_id()
+
+    def claim(unit: int, keys: list[str]) -> list[str]:
+        return ray.get(claims.claim.remote(unit, keys))
+
+    reports = []
+    for unit in sorted(set(batch.column("unit").to_pylist())):
+        rows = batch.filter(pc.equal(batch.column("unit"), unit))
+        size, to_end = expected[unit]
+        if rows.num_rows != size and not (to_end and rows.num_rows >= size):
+            raise RunError(
+                f"unit {unit} reached its write task with {rows.num_rows} of its {size} samples: the unit was "
+                "split between blocks, and writing part of it would lose samples"
+            )
+        marker = shard_files(unit)[2]
+        if location.exists(marker):  # a retried task whose first attempt got as far as the marker
+            stats = location.read_json(marker)
+        else:
+            stats = write_unit(location, unit, from_table(rows), claim, written_by=node,
+                               fingerprint=fingerprint).to_json()
+            ray.get(claims.commit.remote(unit))
+        reports.append({"unit": unit, "stats": json.dumps(stats), "node": node, "rows_bytes": rows.nbytes})
+    return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
+
+
+def build_dataset(
+    units: list[Unit], config: PipelineConfig, sample_bytes: float | None = None, *, output: str, claims: Any,
+    fingerprint: str | None = None,
+):
+    """The Ray Data plan: read + decode → model stages → filter → write to `output` (keys claimed from the
+    `claims` actor), as pyarrow batches of REPORT_SCHEMA rows, one per unit; blocks waiting between operators
+    held to `data_memory_budget(config, sample_bytes)`."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    # units complete on the workers, so the order in which they come out does not matter
+    ctx.execution_options.preserve_order = False
+    ctx.enable_progress_bars = False
+    # a task's error reaches the driver as itself (an OSError of a full disk stays one), not wrapped in Ray
+    # Data's UserCodeException, so the CLI can say what went wrong in one line
+    ctx.raise_original_map_exception = True
+    # a unit must stay one block from its read task to its write task (see the module docstring)
+    ctx.target_max_block_size = None
+    # Ray Data's default budget is half the object store; blocks then pile up ahead of the slowest stage
+    # for as long as the input lasts (benchmarks/memory.py)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=data_memory_budget(config, sample_bytes)
+    )
+    config_json = config.model_dump_json()
+    ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(len(units), 1))
+    first, *rest = operators(config)
+    reading: Resources = config.stages.decode.resources
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameters for task retries and actor restarts yet; passed on as remote args
+        # they warn on every plan
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        ds = ds.map_batches(
+            _read_units,
+            fn_kwargs={"names": first, "config_json": config_json},
+            batch_size=1,  # one unit per task; the task batches its rows itself
+            batch_format="pyarrow",
+            num_cpus=reading.num_cpus,
+            compute=ray.data.TaskPoolStrategy(size=reading.concurrency),
+            # Ray Data's default for tasks (retry forever on system failures), spelled out: Ray fuses only map
+            # operators with equal remote args, and fused into a later operator the unit rows would be bundled
+            # to its batch_size (one task reading many whole units before anything moves on).
+            max_retries=-1,
+        )
+        for names in rest:  # each an actor pool: a model stage and the CPU stages joined to it
+            res: Resources = getattr(config.stages, names[0]).resources
+            # the defaults of max_restarts / max_task_retries (-1) would retry forever
+            ds = ds.map_batches(
+                _StageActor,
+                fn_constructor_kwargs={"names": names, "config_json": config_json},
+                batch_size=res.batch_size,
+                batch_format="pyarrow",
+                num_cpus=res.num_cpus,
+                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+                num_gpus=res.num_gpus or None,
+                resources=res.custom or None,
+                max_restarts=3,
+                max_task_retries=3,
+            )
+        expected = {u.index: (u.size, u.to_end) for u in units}
+        ds = ds.map_batches(
+            _write_units,
+            fn_kwargs={"output": output, "storage_options": config.storage_options, "expected": expected,
+                       "claims": claims, "fingerprint": fingerprint},
+            batch_size=None,  # whole blocks: whole units
+            batch_format="pyarrow",
+            num_cpus=config.write.num_cpus,
+            compute=ray.data.TaskPoolStrategy(size=config.write.concurrency),
+            max_retries=-1,  # a lost worker or node: the unit is written again (what was written stays valid)
+            # Ray's default scheduler places a task where most of its argument bytes are: the unit is written
+            # from the node that holds it (Ray Data would otherwise spread tasks over nodes)
+            scheduling_strategy="DEFAULT",
+        )
+    return ds

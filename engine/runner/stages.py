@@ -1,0 +1,96 @@
+"""Which stages a pipeline runs, how each is built, and how they group into Ray Data operators.
+
+A model stage (and `nltk`, which loads its noun lexicon and tagger once) runs in an actor pool; the other
+stages are CPU work that joins an operator next to it: decode and the CPU stages up to the first model stage
+run in the tasks that read the units, and a CPU stage right after a model stage (filter after ground) runs
+in that stage's actors. Every operator kept is another worker process with Ray Data loaded, alive next to the
+others for the whole run.
+"""
+
+from __future__ import annotations
+
+from engine.config import PipelineConfig
+from engine.records import Record
+from engine.errors import RunError
+from engine.stages.base import Stage
+
+STAGE_ORDER = ("decode", "recaption", "extract", "ground", "filter")
+FUSED_ORDER = ("decode", "annotate", "ground", "filter")
+MODEL_STAGES = ("recaption", "extract", "annotate", "ground")
+
+
+def stage_names(config: PipelineConfig) -> tuple[str, ...]:
+    """The stages a pipeline runs, in order: the fused annotator replaces recaption + extract."""
+    return FUSED_ORDER if config.stages.annotate is not None else STAGE_ORDER
+
+
+def build_stage(name: str, config: PipelineConfig) -> Stage:
+    """The stage object for `name`, constructed cheaply (models load in `setup`)."""
+    spec = getattr(config.stages, name)
+    cache_dir = config.cache_dir
+    if name == "decode":
+        from engine.stages.decode import Decode
+
+        return Decode(spec)
+    if name == "recaption":
+        from engine.stages.recaption import Recaption
+
+        return Recaption(spec, cache_dir=cache_dir)
+    if name == "extract":
+        from engine.stages.extract import Extract
+
+        return Extract(spec, cache_dir=cache_dir)
+    if name == "annotate":
+        from engine.stages.annotate import Annotate
+
+        return Annotate(spec, cache_dir=cache_dir)
+    if name == "ground":
+        from engine.stages.ground import Ground
+
+        return Ground(spec, cache_dir=cache_dir)
+    if name == "filter":
+        from engine.stages.filter import Filter
+
+        return Filter(spec)
+    raise ValueError(f"unknown stage {name!r}")
+
+
+def check_stage_inputs(config: PipelineConfig) -> None:
+    """Each stage's required fields are provided by the reader or an earlier stage."""
+    available = {"key", "source", "unit", "position", "image", "raw_caption", "meta", "width", "height"}
+    for name in stage_names(config):
+        stage = build_stage(name, config)
+        missing = [f for f in stage.requires if f not in available]
+        if missing:
+            raise RunError(f"stage {name!r} needs {missing}, which no earlier stage provides")
+        available.update(stage.provides)
+
+
+def run_stage_locally(records: list[Record], config: PipelineConfig) -> list[Record]:
+    """All stages in one process, in order (tests, debugging, `--no-ray`)."""
+    for name in stage_names(config):
+        stage = build_stage(name, config)
+        records = stage(records)
+    return records
+
+
+def uses_model(name: str, config: PipelineConfig) -> bool:
+    """Whether a stage loads something heavy once (a model, or the noun lexicon + the tagger for `nltk`) and
+    so runs in an actor pool, or is plain CPU work that runs as tasks. As tasks, every worker process that
+    ever ran the nltk extractor would keep its own copy of them."""
+    backend = getattr(getattr(config.stages, name), "backend", None)
+    return name in MODEL_STAGES and backend != "passthrough"
+
+
+def operators(config: PipelineConfig) -> list[tuple[str, ...]]:
+    """The stages grouped into Ray Data operators, in order. The first group is decode with the CPU stages
+    up to the first model stage: it runs in the read tasks with decode's `resources`. Each model stage takes
+    the CPU stages right after it into its actors, so every later group starts with a model stage. A joined
+    stage's own `resources` are unused."""
+    groups: list[tuple[str, ...]] = []
+    for name in stage_names(config):
+        if groups and not uses_model(name, config) and (uses_model(groups[-1][0], config) or len(groups) == 1):
+            groups[-1] += (name,)
+        else:
+            groups.append((name,))
+    return groups
