@@ -213,8 +213,8 @@ class RaySpec(_Strict):
     num_cpus: int | None = Field(None, ge=1)
     object_store_mb: int | None = Field(None, ge=64)
     # The units run as consecutive Ray Datasets of at most this many samples (whole units, at least one):
-    # Ray Data keeps statistics for every block in the driver until its Dataset ends (ray-project/ray#66016),
-    # ≈ 6 KB a unit here (benchmarks/datasets.py); each Dataset starts its actors, and loads their models, anew.
+    # Ray Data keeps statistics for every block in the driver until its Dataset ends (ray-project/ray#66016;
+    # their size: docs/performance.md); each Dataset starts its actors, and loads their models, anew.
     # None: one Dataset.
     max_samples_per_dataset: int | None = Field(1_000_000, ge=1)
     # Object store memory that blocks waiting between operators may hold (Ray Data's budget for the run): it

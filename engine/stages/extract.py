@@ -61,7 +61,7 @@ class Extract(Stage):
 
             ensure_nltk_path()
         if spec.backend == "nltk":
-            # The noun lexicon and the tagger load lazily, on first use (~1 s): do it here, once per actor,
+            # The noun lexicon and the tagger load lazily, on first use: do it here, once per actor,
             # rather than inside the first batch, where it would hold up every stage behind this one. (A
             # fallback may never be used: it keeps loading them lazily.)
             self._nltk_entities("a cat on a sofa")
