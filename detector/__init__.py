@@ -3,9 +3,9 @@
 The rule of the house: `detector/` reads what the engine wrote and imports from `engine` only
 
 - the records: `engine.records`;
-- the shard reader: from `engine.io.shards` only its reading side (`open_run`, `complete_unit_ids`,
-  `complete_units`, `read_shard`, `shard_files`), and `engine.io.storage` (the paths and URIs runs and
-  eval sets live at);
+- the shard reader: `engine.io.shard_reader` (`open_run`, `complete_unit_ids`, `complete_units`,
+  `read_shard`, `read_index`, the layout), never the writer in `engine.io.shards`, and `engine.io.storage`
+  (the paths and URIs runs and eval sets live at);
 - model loading: `engine.models.loading` (a `tiny:NAME` model comes from the engine's builders and cache).
 
 Nothing else: not the runner, the pipeline config, the stages or the shard writer. What drives the engine

@@ -5,7 +5,7 @@ positive concepts plus negative concepts drawn from the corpus' concept dictiona
 capped to the text encoder's token limit, in shuffled order.
 
 The run is a local folder or a URI of any fsspec filesystem (engine/io/storage.py); only its complete units
-are read (`engine.io.shards.complete_unit_ids`: their marker exists).
+are read (`engine.io.shard_reader.complete_unit_ids`: their marker exists).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from engine.io.shards import complete_unit_ids, open_run, read_shard, shard_files
+from engine.io.shard_reader import complete_unit_ids, open_run, read_index, read_shard
 from engine.io.storage import Location
 
 logger = logging.getLogger(__name__)
@@ -130,14 +130,11 @@ class ConceptDictionary:
     @classmethod
     def from_run(cls, run: str | Path | Location) -> "ConceptDictionary":
         """Count phrases and categories of the entities of ok samples in the complete units' index parts."""
-        import pyarrow.parquet as pq
-
         location = open_run(run)
         counts: Counter[str] = Counter()
         units = complete_unit_ids(location)
         for unit in units:
-            with location.open(shard_files(unit)[1]) as f:
-                table = pq.read_table(f, columns=["status", "entities"])
+            table = read_index(location, unit, columns=["status", "entities"])
             for status, entities in zip(table.column("status").to_pylist(), table.column("entities").to_pylist()):
                 if status != "ok":
                     continue

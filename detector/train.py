@@ -27,7 +27,7 @@ import torch
 from detector.checkpoint import clean_partial, latest_checkpoint, optimizer_from_files, read_state, save_checkpoint
 from detector.config import OptimSpec, TrainConfig
 from detector.data import ConceptDictionary, Sample, augment, collate, iter_shard_samples
-from engine.io.shards import open_run
+from engine.io.shard_reader import open_run
 from engine.io.storage import Location
 
 logger = logging.getLogger(__name__)

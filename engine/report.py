@@ -10,7 +10,7 @@
   resources, units, units already complete) without starting Ray.
 
 A run is a local folder or a URI of any fsspec filesystem (engine/io/storage.py); the page goes to a local
-folder. Only complete units are counted (`engine.io.shards.complete_unit_ids`), and the summary and the
+folder. Only complete units are counted (`engine.io.shard_reader.complete_unit_ids`), and the summary and the
 page's header say how many of the planned units and samples those are (engine/io/completeness.py), so a
 page of an unfinished run cannot pass for one of the whole run.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.export import run_name
-from engine.io.shards import open_run
+from engine.io.shard_reader import open_run
 from engine.export.common import iter_index_rows, iter_samples
 from engine.io.completeness import describe, run_completeness
 from engine.io.storage import Location
@@ -272,7 +272,7 @@ def plan_summary(
     (OutputLocked), made with another config (ConfigChanged, unless `allow_config_change`)."""
     from engine.fingerprint import fingerprint_of, shaping
     from engine.io.lock import check_unlocked
-    from engine.io.shards import complete_units
+    from engine.io.shard_reader import complete_units
     from engine.io.storage import Location
     from engine.runner import (
         RunError,

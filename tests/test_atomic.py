@@ -1,4 +1,4 @@
-"""engine.atomic: the one atomic write every file of a run, an export and the NLTK data goes through."""
+"""engine.io.atomic: the one atomic write every file of a run, an export and the NLTK data goes through."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.atomic import TMP_MARK, atomic_write_bytes
+from engine.io.atomic import TMP_MARK, atomic_write_bytes
 from engine.io.shards import clean_temporaries
 
 

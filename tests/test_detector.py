@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 webdataset = pytest.importorskip("webdataset")
 
 from detector.data import build_prompt, collate, iter_shard_samples  # noqa: E402
-from engine.io.shards import complete_unit_ids  # noqa: E402
+from engine.io.shard_reader import complete_unit_ids  # noqa: E402
 
 SHAPES = {  # name -> (colour, drawing method)
     "square": ((220, 30, 30), "rectangle"),

@@ -1,6 +1,6 @@
 """The house rule of detector/__init__.py: `detector/` imports from `engine` only the records, the shard reader
-and model loading. Checked on the source (every import statement, at top level or inside a function) and on
-what importing the detector really loads."""
+(engine.io.shard_reader, never the writer in engine.io.shards) and model loading. Checked on the source (every
+import statement, at top level or inside a function) and on what importing the detector really loads."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED: dict[str, frozenset[str] | None] = {
     "engine.records": None,
     "engine.io.storage": None,
-    "engine.io.shards": frozenset({"open_run", "complete_unit_ids", "complete_units", "read_shard", "shard_files"}),
+    "engine.io.shard_reader": None,
     "engine.models.loading": None,
 }
 
@@ -77,9 +77,11 @@ def test_detector_imports_only_the_records_the_shard_reader_and_model_loading():
     "import engine.runner",
     "def f():\n    from engine.config import ConfigError",
     "from engine.io.shards import ShardWriter",
-    "from engine.io.shards import read_shard, ShardWriter",
+    "from engine.io.shards import shard_files",
+    "from engine.io.shard_reader import read_shard\nfrom engine.io.shards import completed_keys",
     "import engine.io.shards",
     "from engine.io import shards",
+    "from engine.io import shard_reader, shards",
     "from engine import config",
     "import importlib\nimportlib.import_module('engine.runner')",
     "__import__('engine.stages.decode')",
@@ -89,7 +91,9 @@ def test_checker_flags_what_the_rule_forbids(source):
 
 
 @pytest.mark.parametrize("source", [
-    "from engine.io.shards import complete_unit_ids, open_run, read_shard, shard_files",
+    "from engine.io.shard_reader import complete_unit_ids, open_run, read_index, read_shard, shard_files",
+    "from engine.io import shard_reader",
+    "import engine.io.shard_reader",
     "from engine.io.storage import Location, StorageError",
     "from engine.io import storage",
     "import engine.records",
@@ -111,5 +115,5 @@ def test_importing_the_detector_loads_no_other_part_of_the_engine():
     loaded = set(done.stdout.split())
     assert "detector.train" in loaded
     forbidden = ("engine.config", "engine.stages", "engine.backends", "engine.runner", "engine.selftrain",
-                 "engine.synthetic_runs", "engine.cli", "engine.commands")
+                 "engine.synthetic_runs", "engine.cli", "engine.commands", "engine.io.shards")
     assert not [m for m in loaded if m.startswith(forbidden)]

@@ -510,7 +510,7 @@ def test_manifest_sums_usage_over_shards(server, tmp_path):
     from engine.config import config_from_dict
     from engine.fingerprint import fingerprint
     from engine.io.plan import Plan
-    from engine.io.shards import complete_units
+    from engine.io.shard_reader import complete_units
     from engine.io.storage import Location
     from engine.runner import write_manifest
 

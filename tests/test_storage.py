@@ -17,7 +17,8 @@ from engine.io import storage
 from engine.io.inputs import expand_inputs, source_names
 from engine.io.plan import make_plan
 from engine.io.readers import read_unit
-from engine.io.shards import KeyClaims, ShardWriter, complete_units, write_unit
+from engine.io.shard_reader import complete_units
+from engine.io.shards import KeyClaims, ShardWriter, write_unit
 from engine.io.storage import Location, StorageError
 from engine.records import Record
 from tests.conftest import s3_fs

@@ -11,7 +11,8 @@ from PIL import Image
 from engine.records import INDEX_SCHEMA, Record
 import numpy as np
 
-from engine.io.shards import KeyRegistry, ShardWriter, clean_temporaries, completed_keys, complete_units, tar_key
+from engine.io.shard_reader import complete_units
+from engine.io.shards import KeyRegistry, ShardWriter, clean_temporaries, completed_keys, tar_key
 
 
 def jpeg(color=(200, 10, 10)):

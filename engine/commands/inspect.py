@@ -31,7 +31,7 @@ def console():
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from engine.io.completeness import require_complete
-    from engine.io.shards import open_run
+    from engine.io.shard_reader import open_run
     from engine.report import completeness_line, summarize, write_html
 
     run = open_run(args.run_dir)  # one reachability check, shared by the summary and the page

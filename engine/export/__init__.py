@@ -13,7 +13,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from engine.io.shards import open_run
+from engine.io.shard_reader import open_run
 from engine.io.storage import Location, basename
 
 # format -> "module:function"; modules are imported only when their format is asked for.

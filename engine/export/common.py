@@ -9,7 +9,7 @@ within its shard's folder, so an image and its label file always share it.
 Everything streams: samples come shard by shard through webdataset, the vocabulary is counted from the
 parquet index (no image bytes), and a large output file (COCO json, Label Studio tasks) is assembled from
 temporary parts, so memory does not grow with the corpus. The run may be local or on any fsspec filesystem;
-only its complete units are read (`engine.io.shards.complete_unit_ids`: their marker exists).
+only its complete units are read (`engine.io.shard_reader.complete_unit_ids`: their marker exists).
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-import pyarrow.parquet as pq
-
-from engine.io.shards import open_run
-from engine.io.shards import complete_unit_ids, read_shard, shard_files, shard_name
+from engine.io.shard_reader import complete_unit_ids, iter_index, open_run, read_shard, shard_name
 from engine.io.storage import Location
 
 
@@ -72,18 +69,12 @@ def iter_samples(run: str | Path | Location) -> Iterator[Sample]:
             yield Sample(shard_name(unit), stem, json.loads(item["json"]), item["jpg"], names(stem))
 
 
-def index_files(run: str | Path | Location) -> list[str]:
-    """The index parts of the complete units, relative to the run (the marker is written after both)."""
-    return [shard_files(unit)[1] for unit in complete_unit_ids(open_run(run))]
-
-
 def iter_index_rows(run: str | Path | Location, columns: list[str]) -> Iterator[dict[str, Any]]:
     """The rows of the complete units' index parts, `columns` only, read a batch at a time."""
     location = open_run(run)
-    for rel in index_files(location):
-        with location.open(rel) as f:
-            for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=1024):
-                yield from batch.to_pylist()
+    for unit in complete_unit_ids(location):
+        for batch in iter_index(location, unit, columns):
+            yield from batch.to_pylist()
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from engine.export.common import PartFile, assemble_json, category_vocabulary, clip_box, iter_samples, write_image
-from engine.atomic import atomic_write_bytes
+from engine.io.atomic import atomic_write_bytes
 from engine.io.storage import Location
 
 log = logging.getLogger(__name__)

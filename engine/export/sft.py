@@ -15,7 +15,7 @@ from typing import Any
 from engine.export import iter_run_samples
 from engine.export.common import UniqueNames
 from engine.prompts import load_prompt
-from engine.atomic import atomic_write_bytes
+from engine.io.atomic import atomic_write_bytes
 from engine.io.shards import tar_key
 from engine.io.storage import Location
 

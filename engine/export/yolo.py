@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from engine.export.common import category_vocabulary, clip_box, iter_samples, write_image
-from engine.atomic import atomic_write_bytes
+from engine.io.atomic import atomic_write_bytes
 from engine.io.storage import Location
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Is a run complete? Decided from its plan and its units' markers, never from manifest.json.
 
 A run's plan (OUT/plan.json, engine/io/plan.py) lists every unit it will write; a unit is complete exactly
-when its marker exists (`engine.io.shards.complete_unit_ids`). A run is complete when every planned unit
+when its marker exists (`engine.io.shard_reader.complete_unit_ids`). A run is complete when every planned unit
 is. manifest.json says what the last `granucap run` thought of itself, and a run that was killed, is still
 going, or lost a marker says nothing reliable there, so it is shown, never trusted.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.io.plan import load_plan
-from engine.io.shards import complete_unit_ids, complete_units, open_run
+from engine.io.shard_reader import complete_unit_ids, complete_units, open_run
 from engine.io.storage import Location
 
 ALLOW_PARTIAL_FLAG = "--allow-partial"

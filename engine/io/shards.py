@@ -1,13 +1,10 @@
-"""GranuCap shards: one work unit becomes one shard, written once all its samples are there.
+"""Writing GranuCap shards: one work unit becomes one shard, written once all its samples are there.
 
-    OUT/shards/{n:06d}.tar          webdataset: KEY.jpg + KEY.json (the record without image bytes), ok only
-    OUT/index/{n:06d}.parquet       every sample of the unit, rejected and failed ones too
-    OUT/shards/{n:06d}.stats.json   counts of the unit; written last, so it marks the shard complete
-
-`OUT` is a local folder or a prefix on an object store (engine/io/storage.py). Every file is written so that no
-reader sees part of it: locally to a temporary name, fsynced and renamed; on an object store as one PUT. The
-marker goes last, so a unit is complete exactly when its marker exists (`complete_units`): a crash at any point
-loses only unfinished units, which a rerun redoes, overwriting whatever a killed writer left of them.
+The layout (tar, index part, marker per unit) and the rule that a unit is complete exactly when its marker
+exists belong to the reading side, engine/io/shard_reader.py, which this module follows. Every file is written
+so that no reader sees part of it: locally to a temporary name, fsynced and renamed; on an object store as one
+PUT. The marker goes last, so a crash at any point loses only unfinished units, which a rerun redoes,
+overwriting whatever a killed writer left of them.
 
 Keys are unique within a run: a unit claims its keys (`KeyClaims`) before it writes them, and a key that
 another unit of the run already claimed, or that repeats inside the unit, is written as `KEY-dupN`.
@@ -19,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 import time
@@ -27,23 +23,18 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from engine.io import storage
+from engine.io.shard_reader import read_index, shard_files, shard_name
 from engine.io.storage import Location
 from engine.records import Record, merge_meta, to_table
 
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
-_MARKER = re.compile(r"^\d{6,}\.stats\.json$")
-
-
-def shard_name(unit: int) -> str:
-    return f"{unit:06d}"
 
 
 def tar_key(key: str) -> str:
@@ -174,7 +165,6 @@ class KeyRegistry:
             self._runs[-1] = (np.insert(into_first, at, first), np.insert(into_second, at, second))
 
 
-
 def _dup_name(key: str, n: int) -> str:
     return f"{key}-dup{n}"
 
@@ -238,12 +228,6 @@ class KeyClaims:
 
 
 Claim = Callable[[int, list[str]], list[str]]
-
-
-def shard_files(unit: int) -> tuple[str, str, str]:
-    """(tar, index part, marker) of a unit, relative to the run's folder."""
-    name = shard_name(unit)
-    return f"shards/{name}.tar", f"index/{name}.parquet", f"shards/{name}.stats.json"
 
 
 def encode_unit(unit: int, records: list[Record], claim: Claim) -> tuple[bytes, bytes, UnitStats]:
@@ -347,63 +331,12 @@ class ShardWriter:
         return {unit: len(rows) for unit, rows in self.pending.items()}
 
 
-def _as_location(run: str | Path | Location) -> Location:
-    return run if isinstance(run, Location) else Location(run)
-
-
-def open_run(run: str | Path | Location) -> Location:
-    """A run to read, at a local path or a URI (a Location is taken as it is). A remote run is listed once
-    here, so that unreachable storage is a one-line StorageError before any work rather than a traceback."""
-    if isinstance(run, Location):
-        return run
-    text = os.fspath(run)
-    if not storage.is_remote(text):
-        return Location(Path(storage.local_path(text)))  # as Path spells it, as summaries always showed it
-    location = Location(text)
-    try:
-        location.fs.ls(location.root, detail=False)
-    except Exception as exc:  # botocore, gcsfs, adlfs each have their own exception trees
-        raise storage.StorageError(storage.describe(exc, location.uri, "read")) from None
-    return location
-
-
-def complete_unit_ids(run: str | Path | Location) -> list[int]:
-    """The units whose marker exists (their shard and index part are complete), from one listing."""
-    names = _as_location(run).list("shards")
-    return sorted(int(n[: -len(".stats.json")]) for n in names if _MARKER.match(n))
-
-
-def complete_units(run: str | Path | Location, threads: int = 32) -> dict[int, dict[str, Any]]:
-    """Units whose marker exists: unit -> the marker's stats. The one rule for "this unit is complete", for
-    the runner, the exporters and the student's data loader."""
-    location = _as_location(run)
-    units = complete_unit_ids(location)
-    if not units:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(threads, len(units))) as pool:
-        stats = list(pool.map(lambda u: json.loads(location.read_bytes(shard_files(u)[2])), units))
-    return {int(s["unit"]): s for s in stats}
-
-
-def read_shard(run: str | Path | Location, unit: int) -> Iterator[dict[str, Any]]:
-    """The samples of one shard as webdataset groups them (`{"__key__", "__url__", "jpg", "json"}`, raw bytes),
-    streamed from the run's filesystem with webdataset's own tar reader."""
-    import webdataset as wds
-
-    location = _as_location(run)
-    tar_path = shard_files(unit)[0]
-    with location.open(tar_path) as f:
-        members = wds.tariterators.tar_file_expander([{"stream": f, "url": location.uri_of(tar_path)}])
-        yield from wds.tariterators.group_by_keys(members)
-
-
 def completed_keys(run: str | Path | Location, units: list[int], threads: int = 16) -> KeyRegistry:
     """Keys written by complete units (read from their index parts, key column only)."""
-    location = _as_location(run)
+    location = run if isinstance(run, Location) else Location(run)
 
     def keys_of(unit: int) -> list[str]:
-        with location.open(shard_files(unit)[1]) as f:
-            return pq.read_table(f, columns=["key"]).column("key").to_pylist()
+        return read_index(location, unit, columns=["key"]).column("key").to_pylist()
 
     registry = KeyRegistry()
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(units)))) as pool:
@@ -414,4 +347,4 @@ def completed_keys(run: str | Path | Location, units: list[int], threads: int = 
 
 def clean_temporaries(run: str | Path | Location) -> int:
     """Delete partial files a killed local write left behind (object stores leave none); returns how many."""
-    return _as_location(run).clean_temporaries()
+    return (run if isinstance(run, Location) else Location(run)).clean_temporaries()

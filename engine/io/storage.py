@@ -8,8 +8,8 @@ filesystem as keyword arguments. Secrets never reach a message: `StorageError` a
 secret-looking storage option and environment value.
 
 Local paths stay plain paths (`file://` URIs become one), so everything that worked on a folder works as it
-did. On a local filesystem files are written to a temporary name and renamed (engine/atomic.py); on an object
-store one PUT is atomic by itself, so objects are written straight to their names.
+did. On a local filesystem files are written to a temporary name and renamed (engine/io/atomic.py); on an
+object store one PUT is atomic by itself, so objects are written straight to their names.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from engine.atomic import TMP_MARK, atomic_write_bytes
+from engine.io.atomic import TMP_MARK, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_bytes
+from engine.io.atomic import atomic_write_bytes
 from engine.language import nltk_data
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_bytes
+from engine.io.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

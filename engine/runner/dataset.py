@@ -31,7 +31,8 @@ import pyarrow as pa
 from engine.config import PipelineConfig, Resources
 from engine.io.inputs import Unit
 from engine.io.readers import read_unit
-from engine.io.shards import KeyClaims, completed_keys, shard_files, write_unit
+from engine.io.shard_reader import shard_files
+from engine.io.shards import KeyClaims, completed_keys, write_unit
 from engine.io.storage import Location
 from engine.records import Record, from_table, to_table
 from engine.errors import RunError

@@ -23,7 +23,7 @@ from engine.fingerprint import differences, fingerprint_of, shaping
 from engine.io.inputs import Unit, expand_inputs
 from engine.io.lock import OutputLock, new_run_id
 from engine.io.plan import Plan, load_plan, make_plan, save_plan
-from engine.io.shards import complete_unit_ids, complete_units, shard_files
+from engine.io.shard_reader import complete_unit_ids, complete_units, shard_files
 from engine.io.storage import Location, redact
 from engine.runner.capacity import check_ray_cluster
 from engine.runner.dataset import _start_key_claims, build_dataset

@@ -15,7 +15,7 @@ from engine import __version__
 from engine.config import PipelineConfig
 from engine.fingerprint import describe_prompts, fingerprint
 from engine.io.plan import Plan
-from engine.io.shards import complete_units
+from engine.io.shard_reader import complete_units
 from engine.io.storage import Location, redact
 from engine.models.loading import is_dummy
 from engine.runner.stages import MODEL_STAGES, stage_names
