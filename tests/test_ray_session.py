@@ -20,7 +20,7 @@ GLIP = ["stages.recaption.backend=passthrough", "stages.extract.backend=nltk"]
 ROOT = Path(__file__).resolve().parents[1]
 DAEMONS = ("gcs_server", "raylet")
 
-# Starts Ray as a run does (embedded, or joined to ADDRESS), runs a task and an actor, and writes the Ray daemons
+# Starts Ray as a run does (embedded, or joined to ADDRESS), runs a task (and, embedded, an actor), writes the Ray daemons
 # of its own session to REPORT; with MODE "stop" it then stops the session as a run that ends early does, and
 # writes what is left of them while it is still alive.
 DRIVER = """
@@ -39,8 +39,9 @@ class Actor:
     def pid(self):
         return os.getpid()
 
-actor = Actor.remote()
-assert ray.get(actor.pid.remote()) != os.getpid()
+if address is None:  # an actor's process must end with the embedded session too (a cluster's stay its own)
+    actor = Actor.remote()
+    assert ray.get(actor.pid.remote()) != os.getpid()
 seen = {"running": daemons(os.getsid(0))}
 if mode == "stop":
     stop_session()
