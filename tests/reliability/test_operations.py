@@ -30,10 +30,16 @@ def command(inp: Path, out: Path, cache: str, *extra: str) -> list[str]:
             "--set", "stages.recaption.backend=passthrough", "--set", "stages.extract.backend=nltk", *extra]
 
 
+def _as_in_a_terminal() -> None:
+    """SIGINT as a command typed in a terminal gets it: a test run started in the background (as CI may be)
+    hands its children SIGINT ignored, and Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cmd: list[str], logs: Path) -> subprocess.Popen:
     """The command in a session of its own (Ray's processes join it), its output to files."""
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, start_new_session=True, stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"))
+                            stderr=open(logs / "stderr", "w"), preexec_fn=_as_in_a_terminal)
 
 
 def finish(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
