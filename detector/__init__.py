@@ -2,7 +2,7 @@
 
 The rule of the house: `detector/` reads what the engine wrote and imports from `engine` only
 
-- the records: `engine.records`;
+- the records: `engine.records`, and their boxes as columns, `engine.boxes` (numpy only);
 - the shard reader: `engine.io.shard_reader` (`open_run`, `complete_unit_ids`, `complete_units`,
   `read_shard`, `read_index`, the layout), never the writer in `engine.io.shards`, and `engine.io.storage`
   (the paths and URIs runs and eval sets live at);

@@ -21,10 +21,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
+from engine.boxes import Boxes
 from engine.io.shard_reader import complete_unit_ids, open_run, read_index, read_shard
 from engine.io.storage import Location
 
@@ -51,27 +53,23 @@ def normalize_concept(text: str) -> str:
 
 
 def record_to_sample(*, image: Image.Image, record: dict[str, Any]) -> Sample:
-    """Turn a decoded shard member pair into a `Sample`; boxes are clipped to the image, empty ones dropped."""
+    """Turn a decoded shard member pair into a `Sample`; boxes are clipped to the image, empty ones dropped.
+
+    Raises ValueError when the record's boxes are malformed (`engine.boxes.Boxes` says how)."""
     width, height = image.size
     entities = record.get("entities") or []
-    boxes, concepts, phrases = [], [], []
-    for box in record.get("boxes") or []:
-        index = box.get("entity")
-        if index is None or not 0 <= index < len(entities):
-            logger.warning("%s: box points to entity %r of %d, dropped", record.get("key"), index, len(entities))
-            continue
-        entity = entities[index]
-        category = normalize_concept(entity.get("category") or "")
-        phrase = normalize_concept(entity.get("phrase") or "")
-        x0, y0, x1, y1 = (float(v) for v in box["xyxy"])
-        x0, x1 = max(0.0, min(x0, width)), max(0.0, min(x1, width))
-        y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
-        if not (category or phrase) or x1 <= x0 or y1 <= y0:
-            continue
-        boxes.append([x0, y0, x1, y1])
-        concepts.append(category or phrase)
-        phrases.append(phrase or category)
-    tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    boxes = Boxes.from_rows(record.get("boxes") or [])
+    known = (boxes.entity >= 0) & (boxes.entity < len(entities))
+    for index in boxes.entity[~known].tolist():
+        logger.warning("%s: box points to entity %r of %d, dropped", record.get("key"), index, len(entities))
+    # each entity's (category, phrase) as concepts, normalised once however many boxes it has
+    names = [(normalize_concept(e.get("category") or ""), normalize_concept(e.get("phrase") or "")) for e in entities]
+    boxes = boxes.select(known).clip(width, height)
+    named = np.array([any(names[index]) for index in boxes.entity.tolist()], dtype=bool)
+    boxes = boxes.select(named & boxes.has_area())
+    concepts = [names[index][0] or names[index][1] for index in boxes.entity.tolist()]
+    phrases = [names[index][1] or names[index][0] for index in boxes.entity.tolist()]
+    tensor = torch.as_tensor(boxes.xyxy, dtype=torch.float32).reshape(-1, 4)
     return Sample(image=image, boxes=tensor, concepts=concepts, phrases=phrases, key=str(record.get("key")))
 
 
@@ -111,7 +109,12 @@ def iter_shard_samples(run: str | Path | Location, *, shuffle_buffer: int = 0, s
         except (OSError, ValueError) as exc:  # a corrupt image costs its sample, not the run
             logger.warning("%s: image does not decode (%s), skipped", item.get("__key__"), exc)
             continue
-        yield record_to_sample(image=image, record=record)
+        try:
+            sample = record_to_sample(image=image, record=record)
+        except ValueError as exc:  # so do malformed boxes
+            logger.warning("%s: %s, skipped", item.get("__key__"), exc)
+            continue
+        yield sample
 
 
 class ConceptDictionary:

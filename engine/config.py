@@ -172,11 +172,36 @@ class GroundSpec(_Strict):
     max_prompt_tokens: int | None = Field(None, ge=8)  # default: the text encoder's own limit
     forward_batch_size: int = Field(8, ge=1)  # (image, prompt) pairs per teacher forward pass
     dummy_weights: bool = False  # the model's real architecture from its config, random weights (throughput)
+    # Also keep every box of an entity scoring over this floor, before the thresholds and the filter, in the
+    # record's `candidates`: `granucap eval --run --sweep` and `granucap refilter` replay thresholds on them
+    # without the teacher (docs/quality.md). None: no candidates.
+    keep_candidates: float | None = Field(None, ge=0, le=1)
+    # More teachers on the same prompts (an ensemble): each runs as `model` does (same backend, thresholds,
+    # dtype, device) in the same actor, one after another on each batch; their boxes are fused per entity
+    # (weighted boxes fusion, `engine.boxes.fuse_teachers`) when they overlap by `fusion_iou`, and a box only
+    # one teacher found must score over `single_teacher_threshold` (None: over the usual thresholds only).
+    teachers: list[str] = []
+    fusion_iou: float = Field(0.55, gt=0, le=1)
+    single_teacher_threshold: float | None = Field(None, ge=0, le=1)
     rescore: RescoreSpec = RescoreSpec()
     exemplars: ExemplarSpec = ExemplarSpec()
     dtype: str = "auto"
     device: str = "auto"
     resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _candidates_replayable(self) -> "GroundSpec":
+        if len({self.model, *self.teachers}) != 1 + len(self.teachers):
+            raise ValueError("teachers must differ from each other and from model: boxes are told apart by teacher")
+        if self.teachers and (self.rescore.enabled or self.keep_candidates is not None):
+            raise ValueError("teachers (an ensemble) cannot be combined with rescore or keep_candidates yet: both "
+                             "work on one teacher's boxes")
+        if self.keep_candidates is not None and self.rescore.enabled:
+            raise ValueError("keep_candidates cannot be combined with rescore: a replay has no CLIP to re-score with")
+        if self.keep_candidates is not None and self.keep_candidates > min(
+                t for t in (self.box_threshold, self.phrase_threshold, self.category_threshold) if t is not None):
+            raise ValueError("keep_candidates must not exceed the thresholds: it is the floor they are tuned over")
+        return self
 
 
 class FilterSpec(_Strict):

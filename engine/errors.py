@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 EXIT_ERROR = 1
@@ -105,22 +106,28 @@ def describe_os_error(exc: OSError, fallback_path: str | None = None) -> str:
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
-def os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError of the output's file system behind `exc` (itself, or a cause of it, as Ray hands on the
-    error of a task), None when there is none."""
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc`, then what caused it, nearest first, each once: a Ray task's error (RayTaskError) keeps the task's
+    own exception as `cause`; Python chains the rest through `__cause__` / `__context__`."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                                       errno.EPERM, errno.ENOTDIR, errno.EEXIST):
-            return exc
-        # a Ray task's error: RayTaskError keeps the task's own exception as `cause`
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return None
+        yield exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+
+
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST)
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError of the output's file system behind `exc` (itself, or a cause of it, as Ray hands on the
+    error of a task), None when there is none."""
+    return next((e for e in causes(exc) if isinstance(e, OSError) and e.errno in _OUTPUT_ERRNOS), None)
 
 
 __all__ = [
     "ConfigChanged",
+    "causes",
     "RunError",
     "EXIT_ERROR",
     "EXIT_LOCKED",

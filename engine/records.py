@@ -58,6 +58,8 @@ SCHEMA = pa.schema(
         ("factual_caption", pa.string()),  # the factual, directly observable part of `caption`
         ("entities", pa.list_(ENTITY_TYPE)),  # {phrase, category, parent_category}
         ("boxes", pa.list_(BOX_TYPE)),  # teacher boxes assigned to entities
+        # with stages.ground.keep_candidates: every entity box over that floor, before thresholds and filter
+        ("candidates", pa.list_(BOX_TYPE)),
         ("status", pa.string()),  # ok | rejected | failed
         ("error", ERROR_TYPE),  # why the sample is not ok: {stage, kind, message}
         ("provenance", pa.list_(PROVENANCE_TYPE)),  # per stage: backend, model, prompt id + sha256, params
@@ -84,6 +86,7 @@ class Record:
     factual_caption: str | None = None
     entities: list[dict[str, str]] = field(default_factory=list)
     boxes: list[dict[str, Any]] = field(default_factory=list)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
     status: str = "ok"
     error: dict[str, str] | None = None
     provenance: list[dict[str, str | None]] = field(default_factory=list)
@@ -132,10 +135,10 @@ class Record:
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> "Record":
         values = {f: row[f] for f in FIELDS if f in row and row[f] is not None}
-        for name in ("entities", "boxes", "provenance"):
+        for name in ("entities", "boxes", "candidates", "provenance"):
             values[name] = [dict(x) for x in values.get(name, [])]
-        if "boxes" in values:
-            for box in values["boxes"]:
+        for name in ("boxes", "candidates"):
+            for box in values[name]:
                 box["xyxy"] = [float(v) for v in box["xyxy"]]
         if "error" in values:
             values["error"] = dict(values["error"])
@@ -146,6 +149,7 @@ class Record:
             self,
             entities=[dict(e) for e in self.entities],
             boxes=[dict(b) for b in self.boxes],
+            candidates=[dict(b) for b in self.candidates],
             provenance=[dict(p) for p in self.provenance],
             error=dict(self.error) if self.error else None,
         )

@@ -345,4 +345,38 @@ def plan_summary(
         "ray_address": address,
         "worker_allocator": allocator,  # what Ray's workers would run with (engine/allocator.py)
         "inputs": sorted({u.path for u in units}),
+        # why `run` would stop on this machine (embedded Ray): backends not installed, resources it lacks
+        "would_stop": local_shortfalls(config, address),
     }
+
+
+def local_gpus() -> int:
+    """GPUs this machine's embedded Ray would see, as torch counts them (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_shortfalls(config, address: str | None) -> list[str]:
+    """What stops `run` here: a stage whose backend is not installed, and, with embedded Ray, a plan that asks
+    more CPUs or GPUs than this machine has (a cluster's resources are checked when the run connects)."""
+    import importlib.util
+    import os
+
+    from engine.runner import stage_names
+    from engine.runner.capacity import CPU, GPU, CapacityError, check_capacity
+
+    problems = []
+    for name in stage_names(config):
+        if getattr(getattr(config.stages, name), "backend", None) == "vllm" and importlib.util.find_spec("vllm") is None:
+            problems.append(f"{name}: the vllm backend needs vLLM, which is not installed here (on a GPU machine: "
+                            f"pip install -e '.[vllm]'; without it: --set stages.{name}.backend=transformers)")
+    if address is None:
+        machine = {CPU: float(config.ray.num_cpus or max(os.cpu_count() or 1, 2)), GPU: float(local_gpus())}
+        try:
+            check_capacity(config, machine)
+        except CapacityError as exc:
+            problems.append(f"this machine ({machine[CPU]:g} CPUs, {machine[GPU]:g} GPUs): {exc}")
+    return problems

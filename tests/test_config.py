@@ -18,11 +18,23 @@ def test_every_shipped_pipeline_validates(path):
     assert "system" in describe_prompts(config)
 
 
-def test_defaults_are_the_offline_glip_path():
-    config = config_from_dict(dict(MINIMAL))
-    assert config.stages.recaption.backend == "passthrough"
-    assert config.stages.extract.backend == "nltk"
-    assert config.write.shard_size == 1000
+def test_a_pipeline_naming_only_its_teacher_runs_the_offline_glip_path(tmp_path):
+    import yaml
+
+    from engine.doctor import pipeline_models
+    from engine.records import Record
+    from engine.runner.stages import build_stage
+
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert pipeline_models([path]) == {"tiny:grounding-dino": ["t/ground"]}  # no other model to fetch
+    config = load_config(path)
+    record = Record(key="k", source="s", raw_caption="A brown dog chasing a ball in the park")
+    [record] = build_stage("extract", config)(build_stage("recaption", config)([record]))
+    # GLIP's path: the raw caption kept, its noun phrases as the entities
+    assert record.ok and record.caption == record.raw_caption
+    assert {e["category"] for e in record.entities} >= {"dog", "ball"}
+    assert [p["backend"] for p in record.provenance] == ["passthrough", "nltk"]
 
 
 def test_override_parses_yaml_values_and_creates_sections():

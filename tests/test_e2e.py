@@ -30,7 +30,7 @@ def granucap(*args, cwd=ROOT):
 def smoke_run(tmp_path_factory, demo_input, model_cache):
     out = tmp_path_factory.mktemp("smoke-out")
     args = ["run", "pipelines/smoke.yaml", "--input", str(demo_input), "--output", str(out), "--quiet",
-            "--set", f"cache_dir={model_cache}"]
+            "--set", f"cache_dir={model_cache}", "--set", "stages.ground.keep_candidates=0.02"]
     proc = granucap(*args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, args, proc
@@ -113,3 +113,64 @@ def test_glip_path_without_ray_uses_raw_captions_and_noun_phrases(demo_input, mo
         assert r.caption == r.raw_caption
         categories = {e["category"] for e in r.entities}
         assert categories & {"square", "circle", "triangle"}, (r.raw_caption, r.entities)
+
+
+def test_eval_run_scores_the_smoke_run_against_the_demo_annotations(smoke_run, demo_input, tmp_path):
+    """The demo input carries its drawn shapes as COCO boxes: every demo image is scored, the broken one as
+    rejected, and the counts tie out with the run's index and the annotations."""
+    out, _, _ = smoke_run
+    scores = tmp_path / "scores.json"
+    proc = granucap("eval", "--run", str(out), "--coco", str(demo_input / "annotations.json"),
+                    "--json-out", str(scores))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "images: 12 of 12 in GT scored" in proc.stdout
+    result = json.loads(scores.read_text())
+    index = pq.read_table(out / "index").to_pylist()
+    assert result["images"]["rejected"] == sum(r["status"] == "rejected" for r in index) >= 1
+    assert result["run_boxes"]["total"] == sum(len(r["boxes"]) for r in index if r["status"] == "ok")
+    gt = json.loads((demo_input / "annotations.json").read_text())
+    assert result["gt_boxes"] == len(gt["annotations"]) == result["tp"] + result["fn"]
+    assert result["boxes"] == result["tp"] + result["fp"] == result["run_boxes"]["scored"]
+
+
+def test_replaying_the_runs_own_thresholds_on_its_candidates_gives_its_boxes(smoke_run, demo_input, tmp_path):
+    """What `eval --sweep` (and refilter) rely on: ground's thresholds and the filter, replayed without the
+    teacher on the candidates the run kept, give every sample the boxes and the verdict the run gave it."""
+    from engine.boxes import Boxes
+    from engine.quality import replay, run_stage_specs
+    from engine.stages.ground import field_thresholds
+
+    out, _, _ = smoke_run
+    ground, spec = run_stage_specs(out)
+    replayed = 0
+    for row in pq.read_table(out / "index").to_pylist():
+        if row["status"] == "ok" or (row["error"] or {}).get("stage") == "filter":
+            kept = replay(Boxes.from_rows(row["candidates"]), field_thresholds(ground), spec,
+                          entities=len(row["entities"]), width=row["width"], height=row["height"])
+            assert (kept is None) == (row["status"] != "ok"), row["key"]
+            if kept is not None:
+                assert kept.to_rows() == row["boxes"], row["key"]
+                replayed += 1
+    assert replayed == sum(r["status"] == "ok" for r in pq.read_table(out / "index").to_pylist()) > 0
+    proc = granucap("eval", "--run", str(out), "--coco", str(demo_input / "annotations.json"), "--sweep",
+                    "--thresholds", "0.02,0.05,0.3,0.6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "best F1:" in proc.stdout and "0.05" in proc.stdout
+
+
+def test_refilter_gives_what_a_fresh_run_at_that_threshold_gives(smoke_run, tmp_path):
+    """The same tiny teacher: refiltering the smoke run at 0.5 writes the keys, verdicts and boxes that a new
+    run of the pipeline at 0.5 writes."""
+    out, args, _ = smoke_run
+    again = granucap(*[a if a != str(out) else str(tmp_path / "fresh") for a in args],
+                     "--set", "stages.ground.box_threshold=0.5")
+    assert again.returncode == 0, again.stderr[-2000:]
+    proc = granucap("refilter", str(out), str(tmp_path / "refiltered"), "--set", "stages.ground.box_threshold=0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def rows(run):
+        return {r["key"]: (r["status"], r["boxes"]) for r in pq.read_table(run / "index").to_pylist()}
+
+    fresh, refiltered = rows(tmp_path / "fresh"), rows(tmp_path / "refiltered")
+    assert refiltered == fresh
+    assert sum(len(b) for _, b in fresh.values()) < sum(len(r["boxes"]) for r in pq.read_table(out / "index").to_pylist())

@@ -133,12 +133,53 @@ def test_extract_prompt_injection_stays_schema_valid() -> None:
 # ------------------------------------------------------------------------------------------ schema/parsing
 
 
-def test_schema_shape() -> None:
-    item = ENTITIES_JSON_SCHEMA["properties"]["entities"]["items"]
-    assert ENTITIES_JSON_SCHEMA["additionalProperties"] is False and item["additionalProperties"] is False
-    assert set(item["required"]) == {"phrase", "category", "parent_category"}
-    assert all(p["type"] == "string" and p["minLength"] == 1 for p in item["properties"].values())
-    assert ENTITIES_JSON_SCHEMA["properties"]["entities"]["maxItems"] == MAX_ITEMS
+BLANK_FIELD = _answer(_ent("cat", "   ", "animal"))
+REJECTED_ANSWERS = [
+    _answer({"phrase": "cat", "category": "cat"}),  # missing field
+    _answer(_ent("cat", "", "animal")),  # empty string
+    BLANK_FIELD,
+    _answer({"phrase": "cat", "category": 3, "parent_category": "animal"}),  # wrong type
+    _answer({**_ent("cat", "cat", "animal"), "score": "1"}),  # extra field
+    _answer(_ent("c" * (MAX_FIELD_CHARS["phrase"] + 1), "cat", "animal")),  # too long
+    _answer(*[_ent(f"cat {i}", "cat", "animal") for i in range(MAX_ITEMS + 1)]),  # too many
+    json.dumps({"entities": [], "note": "x"}),  # extra top-level key
+    json.dumps({}),  # no entities
+    json.dumps({"entities": "cat"}),  # not a list
+    json.dumps([_ent("cat", "cat", "animal")]),  # top level not an object
+    '{"entities": [{"phrase": "cat", "category": "cat", "parent_category": "animal"}',  # truncated
+    "not json at all",
+    "The image shows a cat sitting on a sofa.",  # prose only
+    '{"entities": []} {"entities": []}',  # two objects
+    '```json\n{"entities": []}\n```\n```json\n{"entities": []}\n```',  # two fenced blocks
+    '{"entities": [{"phrase": "ca\u0001t", "category": "cat", "parent_category": "animal"}]}'.replace(
+        "\\u0001", "\u0001"
+    ),  # raw control character
+    "",
+]
+
+
+def test_the_schema_constrained_decoders_get_admits_exactly_what_the_parser_accepts() -> None:
+    # vLLM and OpenAI decode under ENTITIES_JSON_SCHEMA: every object it admits must parse, and every object the
+    # parser refuses must be one it does not admit (but blank fields: the parser alone refuses those).
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = jsonschema.Draft202012Validator(ENTITIES_JSON_SCHEMA)
+    longest = {name: name[0] * chars for name, chars in MAX_FIELD_CHARS.items()}
+    admitted = [{"entities": []}, json.loads(_answer(_ent("a red sofa", "sofa", "furniture"))),
+                {"entities": [longest] * MAX_ITEMS}]
+    for obj in admitted:
+        assert schema.is_valid(obj) and parse_entities_json(json.dumps(obj)) == obj["entities"]
+    objects = [answer for answer in REJECTED_ANSWERS if _decodes(answer)]
+    assert len(objects) == 11  # the others are no JSON object at all
+    for answer in objects:
+        assert schema.is_valid(json.loads(answer)) is (answer == BLANK_FIELD), answer
+
+
+def _decodes(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def test_parse_accepts_plain_fenced_and_prose_wrapped() -> None:
@@ -150,30 +191,7 @@ def test_parse_accepts_plain_fenced_and_prose_wrapped() -> None:
     assert parse_entities_json('{"entities": []}') == []
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        _answer({"phrase": "cat", "category": "cat"}),  # missing field
-        _answer(_ent("cat", "", "animal")),  # empty string
-        _answer(_ent("cat", "   ", "animal")),  # blank string
-        _answer({"phrase": "cat", "category": 3, "parent_category": "animal"}),  # wrong type
-        _answer({**_ent("cat", "cat", "animal"), "score": "1"}),  # extra field
-        _answer(_ent("c" * (MAX_FIELD_CHARS["phrase"] + 1), "cat", "animal")),  # too long
-        _answer(*[_ent(f"cat {i}", "cat", "animal") for i in range(MAX_ITEMS + 1)]),  # too many
-        json.dumps({"entities": [], "note": "x"}),  # extra top-level key
-        json.dumps({"entities": "cat"}),  # not a list
-        json.dumps([_ent("cat", "cat", "animal")]),  # top level not an object
-        '{"entities": [{"phrase": "cat", "category": "cat", "parent_category": "animal"}',  # truncated
-        "not json at all",
-        "The image shows a cat sitting on a sofa.",  # prose only
-        '{"entities": []} {"entities": []}',  # two objects
-        '```json\n{"entities": []}\n```\n```json\n{"entities": []}\n```',  # two fenced blocks
-        '{"entities": [{"phrase": "ca\u0001t", "category": "cat", "parent_category": "animal"}]}'.replace(
-            "\\u0001", "\u0001"
-        ),  # raw control character
-        "",
-    ],
-)
+@pytest.mark.parametrize("answer", REJECTED_ANSWERS)
 def test_parse_rejects(answer: str) -> None:
     with pytest.raises(EntityFormatError):
         parse_entities_json(answer)
@@ -280,11 +298,36 @@ def test_nltk_data_install_command_fills_a_folder_once(monkeypatch, tmp_path, ca
     assert capsys.readouterr().out.count(f"NLTK data OK in {root}") == 2
 
 
-def test_lexnames_file() -> None:
-    lines = nltk_data.lexnames_text().splitlines()
-    assert len(lines) == 45
-    assert lines[0] == "00\tadj.all\t3" and lines[3] == "03\tnoun.Tops\t1"
-    assert lines[43] == "43\tverb.weather\t2" and lines[44] == "44\tadj.ppl\t3"
+@pytest.mark.filterwarnings("ignore:The multilingual functions are not available")  # no OMW: not needed
+def test_wordnet_names_each_synsets_lexicographer_file_from_the_written_lexnames(tmp_path, monkeypatch) -> None:
+    # NLTK 3.10 reads the names from `lexnames`, which the Debian WordNet lacks and the install writes: a
+    # WordNet folder with the one written now, read by NLTK
+    import shutil
+
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    folder = tmp_path / "corpora" / "wordnet"
+    folder.mkdir(parents=True)
+    for name in nltk_data.WORDNET_FILES:
+        shutil.copy(nltk_data.data_dir() / "corpora" / "wordnet" / name, folder / name)
+    (folder / "lexnames").write_text(nltk_data.lexnames_text())
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path), *nltk.data.path])  # NLTK reads nothing outside it
+    wn = WordNetCorpusReader(str(folder), None)
+    known = {"entity.n.01": "noun.Tops", "cat.n.01": "noun.animal", "sofa.n.01": "noun.artifact",
+             "rain.v.01": "verb.weather", "red.a.01": "adj.all", "quickly.r.01": "adv.all"}
+    assert {synset: wn.synset(synset).lexname() for synset in known} == known
+    # every file number WordNet's data files give a synset is named, with that data file's part of speech (and
+    # its number in lexnames(5WN): 1 noun, 2 verb, 3 adjective, 4 adverb), and every name is used
+    names = {int(number): (name, int(category))
+             for number, name, category in map(str.split, nltk_data.lexnames_text().splitlines())}
+    used = set()
+    for category, pos in enumerate(("noun", "verb", "adj", "adv"), start=1):
+        with open(folder / f"data.{pos}") as f:
+            numbers = {int(line.split()[1]) for line in f if not line.startswith("  ")}  # license lines indent
+        assert {(names[n][0].split(".")[0], names[n][1]) for n in numbers} == {(pos, category)}
+        used |= numbers
+    assert used == set(names)
 
 
 def test_tagger_unpickler_refuses_other_globals() -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from engine.cli import main
 from engine.export import EXPORTERS, export
-from engine.export.common import UniqueNames, clip_box
+from engine.export.common import UniqueNames
 from engine.io.completeness import IncompleteRunError
 from engine.io.inputs import Unit
 from engine.io.plan import FileCount, Plan, save_plan
@@ -31,6 +31,14 @@ from engine.records import Record
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("fake-run"))
+
+
+def clip_box(xyxy: list[float], width: int, height: int) -> tuple[float, ...] | None:
+    """The box clipped to the image by hand; None when nothing of positive area is left."""
+    x0, y0, x1, y1 = xyxy
+    x0, x1 = max(0.0, min(x0, width)), max(0.0, min(x1, width))
+    y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
 def expected_boxes() -> dict[str, list[tuple[tuple[float, ...], str, str, str]]]:
@@ -150,7 +158,7 @@ def test_yolo_layout_labels_and_data_yaml(run_dir, tmp_path):
     assert (summary["images"], summary["boxes"]) == (OK_IMAGES, BOXES_OUT)
     data = yaml.safe_load((tmp_path / "data.yaml").read_text())
     assert data["nc"] == len(CATEGORIES) and data["names"] == dict(enumerate(CATEGORIES))
-    assert Path(data["path"]).is_absolute() and (Path(data["path"]) / data["train"]).is_dir()
+    assert "path" not in data  # Ultralytics takes the yaml's own folder: the export can be moved
     assert (tmp_path / "classes.txt").read_text().splitlines() == CATEGORIES
     images = sorted((tmp_path / data["train"]).rglob("*.jpg"))
     assert len(images) == OK_IMAGES
@@ -347,8 +355,7 @@ CASE_KEYS = {"Cat_1": ((40, 30), "cat"), "cat_1": ((30, 40), "dog"), "CAT_1": ((
 
 
 def _case_run(out: Path) -> Path:
-    """Cat_1 and cat_1 in unit 0, CAT_1 in unit 1: same folder for the first two in the shard layouts, one
-    folder for all three in sft's."""
+    """Cat_1 and cat_1 in unit 0, CAT_1 in unit 1: the first two share a shard's folder."""
     records = []
     for i, (key, ((w, h), category)) in enumerate(CASE_KEYS.items()):
         unit, position = (0, i) if i < 2 else (1, 0)
@@ -442,4 +449,27 @@ def test_keys_that_differ_only_in_case_get_distinct_files_in_every_exporter(tmp_
         assert item["id"] == key
         assert json.loads(item["conversations"][1]["value"])["entities"][0]["category"] == CASE_KEYS[key][1]
     tested.add("sft")
+
+    dest = tmp_path / "regions"
+    items = json.loads(Path(export("regions", run, dest)["conversations"]).read_text())
+    _distinct_case_aside([item["image"] for item in items])
+    for item in items:
+        key = _key_of_size(dest / item["image"])
+        assert item["id"] == f"{key}#0" and item["conversations"][1]["value"].split("|")[1] == CASE_KEYS[key][1]
+    tested.add("regions")
     assert tested == set(EXPORTERS)  # a new exporter must be added here
+
+
+def test_a_moved_yolo_export_reads_its_own_files(run_dir, tmp_path):
+    """Copy the export, delete the original: the copy's data.yaml still leads to every image and label."""
+    import shutil
+
+    export("yolo", run_dir, tmp_path / "made")
+    shutil.copytree(tmp_path / "made", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "made")
+    yaml_path = tmp_path / "moved" / "data.yaml"
+    data = yaml.safe_load(yaml_path.read_text())
+    root = Path(data.get("path") or yaml_path.parent)  # Ultralytics' rule for the dataset root
+    images = sorted((root / data["train"]).rglob("*.jpg"))
+    assert len(images) == OK_IMAGES and all(p.is_relative_to(tmp_path / "moved") for p in images)
+    assert all(Path(str(p).replace("/images/", "/labels/")).with_suffix(".txt").is_file() for p in images)

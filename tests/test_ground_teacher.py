@@ -11,7 +11,7 @@ from PIL import Image
 from engine.backends.base import BackendSpec, make_grounding_backend
 from engine.config import GroundSpec
 from engine.records import Record
-from engine.stages.ground import Ground, match_label, plan_prompts
+from engine.stages.ground import Ground, match_label, normalize_text, plan_prompts
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -64,7 +64,11 @@ def test_split_600_token_vocabulary_equals_its_chunks_run_by_hand(model_cache):
     plan = plan_prompts(entities, count_tokens=backend.count_tokens, max_tokens=backend.max_text_tokens)
     total = backend.count_tokens(". ".join(plan.texts) + ".")
     assert total > 600 and len(plan.prompts) >= 3
-    assert all(backend.count_tokens(p) <= 256 for p in plan.prompts)
+    assert all(backend.count_tokens(p) <= backend.max_text_tokens for p in plan.prompts)
+    # every entity's phrase and category is prompted, once
+    wanted = {normalize_text(e[f]) for e in entities for f in ("phrase", "category")}
+    packed = [t for texts in plan.prompt_texts for t in texts]
+    assert sorted(packed) == sorted(wanted)
     image = Image.open(io.BytesIO(out.image)).convert("RGB")
     by_hand = []
     for prompt, texts in zip(plan.prompts, plan.prompt_texts):

@@ -245,10 +245,12 @@ def test_cpu_stages_run_in_the_read_tasks_or_the_actors_of_the_model_stage_befor
 def test_dummy_weights_flag_marks_the_teacher_in_the_plan(tmp_path, capsys, demo_input):
     from engine.cli import main
 
+    fits_here = ["--set", "ray.num_cpus=8", "--set", "stages.ground.resources.num_gpus=0"]  # glip.yaml asks a GPU
     assert main(["run", "pipelines/glip.yaml", "-i", str(demo_input), "-o", str(tmp_path / "o"),
-                 "--dry-run", "--dummy-weights"]) == 0
+                 "--dry-run", "--dummy-weights", *fits_here]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "ground" in l)
     assert "IDEA-Research/grounding-dino-tiny (dummy)" in line
-    assert main(["run", "pipelines/glip.yaml", "-i", str(demo_input), "-o", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert main(["run", "pipelines/glip.yaml", "-i", str(demo_input), "-o", str(tmp_path / "o"), "--dry-run",
+                 *fits_here]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "ground" in l)
     assert "(dummy)" not in line

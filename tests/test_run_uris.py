@@ -52,9 +52,10 @@ def test_export_of_a_run_on_s3_equals_the_export_of_the_run_on_disk(runs, tmp_pa
     summary_disk = export(fmt, local, from_disk)
     summary_s3 = export(fmt, remote, from_s3)
     files_disk, files_s3 = tree(from_disk), tree(from_s3)
-    if fmt == "sft":  # the one place an export names its run
-        files_disk["sft_manifest.json"] = files_disk["sft_manifest.json"].replace(str(local).encode(), b"RUN")
-        files_s3["sft_manifest.json"] = files_s3["sft_manifest.json"].replace(remote.encode(), b"RUN")
+    if fmt in ("sft", "regions"):  # the exports whose manifest names their run
+        name = f"{fmt}_manifest.json"
+        files_disk[name] = files_disk[name].replace(str(local).encode(), b"RUN")
+        files_s3[name] = files_s3[name].replace(remote.encode(), b"RUN")
     assert files_s3 == files_disk
     assert any(name.endswith(".jpg") for name in files_s3)  # the images came through too
     strip = {str(from_disk): "DEST", str(from_s3): "DEST", str(local): "RUN", remote: "RUN"}
@@ -112,6 +113,10 @@ def test_an_incomplete_unit_on_s3_is_left_out_as_on_disk(runs, tmp_path):
 # ---------------------------------------------------------------- the student
 
 
+# The student's data settings for tests: 64 px images, few negatives.
+SMALL_DATA = {"scales": [64], "max_size": 86, "batch_size": 2, "negatives": 2}
+
+
 @pytest.fixture
 def train_runs(s3, tmp_path) -> tuple[Path, str]:
     """The synthetic shapes run (24 samples in 3 shards) on disk and on S3."""
@@ -160,7 +165,7 @@ def test_train_on_shards_on_s3_sees_what_training_on_disk_sees(train_runs, tmp_p
 
     local, remote = train_runs
     config = TrainConfig.model_validate({"steps": 2, "checkpoint_every": 2, "model": {"init": tiny_gdino},
-                                         "data": {"scales": [64], "max_size": 86, "batch_size": 2, "negatives": 2}})
+                                         "data": SMALL_DATA})
     from_disk = train(shards=local, out=tmp_path / "disk", config=config)
     from_s3 = train(shards=remote, out=tmp_path / "s3", config=config)
     assert from_s3["steps_run"] == from_disk["steps_run"] == 2
@@ -182,27 +187,56 @@ def test_eval_reads_a_coco_set_on_s3_as_on_disk(s3, tmp_path, tiny_gdino):
     assert on_s3 == on_disk and on_s3["images"] == 4 and on_s3["detections"] > 0
 
 
-def test_selftrain_into_a_uri_writes_the_data_there_and_the_students_locally(s3, tmp_path, monkeypatch):
-    """Wiring only: round n's data goes to OUT/round-n/data on S3, its student to the local --students."""
-    import detector.train
-    import engine.runner
-    from detector.config import TrainConfig
-    from engine.selftrain import self_train
-    from engine.config import load_config
+@pytest.mark.slow
+def test_selftrain_into_a_uri_writes_the_data_there_and_the_students_locally(s3, s3_server, tmp_path, model_cache,
+                                                                            tiny_gdino):
+    """`granucap selftrain` with its output on S3: the round's shards go there, its student to the local
+    --students folder. The store is reached through the pipeline's storage options alone (no AWS variable, no
+    credentials file), by the run's workers and by the trainer."""
+    import os
+    import subprocess
+    import sys
 
-    calls = []
-    monkeypatch.setattr(engine.runner, "run", lambda config, *, inputs, output, ray_address=None: (
-        calls.append(("run", output)) or {"counts": {"read": 1}}))
-    monkeypatch.setattr(detector.train, "train", lambda *, shards, out, config: (
-        calls.append(("train", shards.uri, shards.storage_options, Path(out))) or {}))
-    pipeline = load_config(Path(__file__).resolve().parent.parent / "pipelines" / "selftrain.yaml",
-                           ["storage_options.s3.endpoint_url=http://127.0.0.1:1"])
-    history = self_train(pipeline, inputs=["in"], output=f"{s3}/st", rounds=2, train_config=TrainConfig(steps=1),
-                         students=tmp_path / "students")
-    options = {"s3": {"endpoint_url": "http://127.0.0.1:1"}}
-    assert calls == [call for n in range(2) for call in (
-        ("run", f"{s3}/st/round-{n}/data"),
-        ("train", f"{s3}/st/round-{n}/data", options, tmp_path / "students" / f"round-{n}" / "student"))]
-    assert history[1]["teacher"] == str((tmp_path / "students" / "round-0" / "student").resolve())
+    import yaml
+
+    from engine.demo import write_demo_input
+    from tests.conftest import S3_ENV
+    from tests.test_student import SELFTRAIN_OFFLINE
+
+    write_demo_input(tmp_path / "in", samples=8, per_tar=8, seed=0)
+    train = tmp_path / "train.yaml"
+    train.write_text(yaml.safe_dump({"data": SMALL_DATA, "torch_threads": 1}))
+    store = [f"storage_options.s3.endpoint_url={s3_server}", f"storage_options.s3.key={S3_ENV['AWS_ACCESS_KEY_ID']}",
+             f"storage_options.s3.secret={S3_ENV['AWS_SECRET_ACCESS_KEY']}"]
+    sets = [arg for s in [*SELFTRAIN_OFFLINE, f"cache_dir={model_cache}", *store] for arg in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "selftrain", str(root / "pipelines" / "selftrain.yaml"),
+         "-i", str(tmp_path / "in"), "-o", f"{s3}/st", "--students", str(tmp_path / "students"), "--rounds", "1",
+         "--config", str(train), "--model", tiny_gdino, "--steps", "2", "--checkpoint-every", "2", *sets],
+        env=env, cwd=root, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    [round0] = json.loads(done.stdout)
+    student = tmp_path / "students" / "round-0" / "student"
+    assert round0["student"] == str(student) and round0["counts"]["read"] == 8
+    assert json.loads((student / "train_summary.json").read_text())["steps_run"] == 2
+    fs = s3_fs()
+    data = f"{s3.removeprefix('s3://')}/st/round-0/data"
+    manifest = json.loads(fs.cat_file(f"{data}/manifest.json"))
+    assert manifest["status"] == "complete" and manifest["counts"] == round0["counts"]
+    assert fs.find(f"{data}/shards") and not fs.exists(f"{s3.removeprefix('s3://')}/st/round-0/student")
+    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr
+
+
+def test_selftrain_into_a_uri_needs_a_local_folder_for_the_students(s3):
+    from detector.config import TrainConfig
+    from engine.config import load_config
+    from engine.selftrain import self_train
+
+    pipeline = load_config(Path(__file__).resolve().parent.parent / "pipelines" / "selftrain.yaml")
     with pytest.raises(ValueError, match="--students"):
         self_train(pipeline, inputs=["in"], output=f"{s3}/st", rounds=1, train_config=TrainConfig(steps=1))
+    assert s3_fs().find(s3.removeprefix("s3://")) == []  # refused before anything was written

@@ -347,35 +347,6 @@ def test_training_raises_ap_on_synthetic_shapes(tmp_path, tiny_gdino):
     assert after["AP50"] > before["AP50"] + 0.15, (before, after)
 
 
-def test_selftrain_chains_student_into_next_teacher(tmp_path, monkeypatch):
-    """Wiring only (the runner and the trainer have their own tests): round n+1's teacher is round n's student."""
-    import detector.train
-    import engine.runner
-    from engine.config import load_config
-    from engine.selftrain import self_train
-
-    calls = []
-
-    def fake_run(config, *, inputs, output, ray_address=None):
-        calls.append(("run", config.stages.ground.model, Path(output)))
-        return {"counts": {"read": 1, "ok": 1}}
-
-    def fake_train(*, shards, out, config):
-        calls.append(("train", config.model.init, Path(shards.uri), Path(out)))
-        return {"steps": config.steps}
-
-    monkeypatch.setattr(engine.runner, "run", fake_run)
-    monkeypatch.setattr(detector.train, "train", fake_train)
-    pipeline = load_config(Path(__file__).resolve().parent.parent / "pipelines" / "selftrain.yaml")
-    history = self_train(pipeline, inputs=["in"], output=tmp_path, rounds=3, train_config=TrainConfig(steps=5))
-    teachers = [c[1] for c in calls if c[0] == "run"]
-    assert teachers == ["IDEA-Research/grounding-dino-tiny", str((tmp_path / "round-0" / "student").resolve()),
-                        str((tmp_path / "round-1" / "student").resolve())]
-    assert [c[2] for c in calls if c[0] == "train"] == [tmp_path / f"round-{n}" / "data" for n in range(3)]
-    assert [h["teacher"] for h in history] == teachers
-    assert pipeline.stages.ground.model == "IDEA-Research/grounding-dino-tiny"  # the input config is untouched
-
-
 # pipelines/selftrain.yaml on this test's 2 cores: tiny teacher, every stage on a fraction of a CPU (with
 # one CPU per actor, as the yaml asks, two nltk actors and the teacher want 3 CPUs and the run waits forever).
 SELFTRAIN_OFFLINE = [

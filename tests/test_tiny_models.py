@@ -150,12 +150,11 @@ def test_non_tiny_refs_pass_through(tmp_path):
 
 @pytest.fixture
 def fake_builder(monkeypatch):
-    """A fast stand-in builder that counts its calls and is slow enough to overlap with other threads."""
+    """A fast stand-in builder that counts its calls."""
     calls = []
 
     def build(directory: Path) -> None:
         calls.append(directory)
-        time.sleep(0.2)
         (directory / "config.json").write_text("{}")
 
     monkeypatch.setitem(tiny.BUILDERS, "fake", build)
@@ -181,7 +180,26 @@ def test_resolve_uses_env_cache(tmp_path, fake_builder, monkeypatch):
     assert resolve_model("tiny:fake") == str(tmp_path / "env-cache" / "models" / "tiny-fake-v1")
 
 
-def test_concurrent_resolves_build_once(tmp_path, fake_builder):
+def lock_waiters(path: Path) -> int:
+    """Lock requests blocked on the file `path`, as the kernel lists them (`->` lines of /proc/locks)."""
+    inode = str(path.stat().st_ino)
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if "->" in line.split() and line.split()[-3].rsplit(":", 1)[-1] == inode)
+
+
+def test_concurrent_resolves_build_once(tmp_path, fake_builder, monkeypatch):
+    # The build holds until the three other callers wait for it on the cache's lock: all four overlap.
+    lock = tmp_path / "models" / ".tiny-fake-v1.lock"
+
+    def build(directory: Path) -> None:
+        fake_builder.append(directory)
+        deadline = time.monotonic() + 60
+        while lock_waiters(lock) < 3:
+            assert time.monotonic() < deadline, "the other callers did not wait for the build"
+            time.sleep(0.01)
+        (directory / "config.json").write_text("{}")
+
+    monkeypatch.setitem(tiny.BUILDERS, "fake", build)
     results: list[str] = []
     threads = [threading.Thread(target=lambda: results.append(resolve_model("tiny:fake", str(tmp_path))))
                for _ in range(4)]

@@ -109,8 +109,9 @@ class ExemplarDetector:
                 mask = torch.stack([torch.isin(self.columns, torch.tensor(cats, device=self.device))
                                     for _, cats in chunk])
                 logits, _ = self.model.class_predictor(feats, queries, mask)
-                pred_boxes = self.model.box_predictor(feats, feature_map).float()
-                probs = logits.float().sigmoid()
+                # numpy takes host tensors only: bring each batch's outputs over once
+                pred_boxes = self.model.box_predictor(feats, feature_map).float().cpu()
+                probs = logits.float().sigmoid().cpu()
                 for k, (i, cats) in enumerate(chunk):
                     out[i] = self._boxes(images[i], probs[k], pred_boxes[k], cats)
         return out
@@ -118,12 +119,13 @@ class ExemplarDetector:
     def _boxes(self, image: Image.Image, probs, pred_boxes, cats: list[int]) -> list[ExemplarBox]:
         # OWLv2 pads to a square (bottom/right) before resizing: boxes are relative to that square.
         side = max(image.width, image.height)
+        columns = self.columns.cpu()
         cxcywh = pred_boxes.numpy().astype(np.float64) * side
         xyxy = B.clip(np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1),
                       image.width, image.height)
         found = []
         for c in cats:
-            score = probs[:, self.columns == c].max(dim=-1).values.numpy().astype(np.float64)
+            score = probs[:, columns == c].max(dim=-1).values.numpy().astype(np.float64)
             keep = np.flatnonzero((score > self.threshold) & (B.area(xyxy) > 0))
             keep = keep[B.nms(xyxy[keep], score[keep], self.nms_iou)]
             found += [ExemplarBox(tuple(float(v) for v in xyxy[j]), float(score[j]), self.categories[c])

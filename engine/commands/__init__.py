@@ -13,4 +13,5 @@ COMMAND_MODULES: list[str] = [
     "doctor",
     "student",
     "nltk_data",
+    "refilter",
 ]

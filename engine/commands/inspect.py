@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from engine.errors import EXIT_ERROR
+
 
 def _table(title: str, columns: list[str], rows: list[list]):
     from rich.table import Table
@@ -133,8 +135,10 @@ def show_plan(config, inputs: list[str], output: str, *, ray_address: str | None
     if plan["same_plan_as_output"] is False:
         out.print("[red]the output holds a different input plan: `granucap run` would refuse it[/red]")
     out.print(f"output writable, not locked by another run; config fingerprint {plan['fingerprint']}")
+    for problem in plan["would_stop"]:
+        out.print(f"would stop: {problem}", markup=False, style="red")
     out.print("dry run: nothing was started")
-    return 0
+    return EXIT_ERROR if plan["would_stop"] else 0
 
 
 def add_parser(sub) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def _train_config(args: argparse.Namespace):
@@ -30,6 +31,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.run is not None:
+        return _eval_run(args)
+    if not args.model or not args.images:
+        raise ValueError("eval needs --model (one or more detectors) and --images, or --run to score a run's boxes")
     from detector.evaluate import evaluate, format_table, write_json
 
     results = [evaluate(model=model, coco=args.coco, images=args.images, batch_size=args.batch_size,
@@ -39,6 +44,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_json(results, args.json_out)
     print(json.dumps(results, indent=1) if args.json else format_table(results))
     return 0
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from engine.io.atomic import atomic_write_bytes
+    from engine.quality import format_report, format_sweep, score_run, sweep
+
+    if args.model:
+        raise ValueError("--run scores a run's own boxes and --model scores detectors: give one of them")
+    synonyms = None
+    if args.synonyms:
+        import yaml
+
+        synonyms = yaml.safe_load(Path(args.synonyms).read_text(encoding="utf-8"))  # JSON is YAML too
+        if not isinstance(synonyms, dict) or not all(isinstance(v, list) for v in synonyms.values()):
+            raise ValueError(f"{args.synonyms}: synonyms are a mapping of GT category name to a list of aliases")
+    if args.sweep:
+        result = sweep(args.run, args.coco, thresholds=args.thresholds, min_precision=args.min_precision,
+                       synonyms=synonyms, allow_partial=args.allow_partial)
+        text = format_sweep(result)
+    else:
+        result = score_run(args.run, args.coco, synonyms=synonyms, allow_partial=args.allow_partial)
+        text = format_report(result)
+    if args.json_out:
+        atomic_write_bytes(Path(args.json_out), (json.dumps(result, indent=1) + "\n").encode())
+    print(json.dumps(result, indent=1) if args.json else text)
+    return 0
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"thresholds are numbers in [0, 1]: {text!r}")
+    return values
 
 
 def cmd_selftrain(args: argparse.Namespace) -> int:
@@ -78,12 +119,24 @@ def add_parser(sub) -> None:
     _training_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="COCO box AP of one or more detectors, prompted with the category names")
-    p.add_argument("--model", action="append", required=True,
+    p = sub.add_parser("eval", help="COCO box AP of detectors (--model), or of a run's own boxes (--run)")
+    p.add_argument("--model", action="append", default=[],
                    help="checkpoint dir, hub id or tiny:NAME; repeat to compare (teacher vs student)")
+    p.add_argument("--run", default=None,
+                   help="score this run's pseudo boxes instead: AP and precision/recall/F1 (docs/quality.md)")
     p.add_argument("--coco", required=True, help="COCO-format annotations JSON (a path or a URI)")
-    p.add_argument("--images", required=True,
-                   help="folder (or URI) the annotations' file_name values are relative to")
+    p.add_argument("--images", default=None,
+                   help="with --model: folder (or URI) the annotations' file_name values are relative to")
+    p.add_argument("--synonyms", default=None,
+                   help="with --run: JSON/YAML {GT category: [alias, ...]} for labels the run names otherwise")
+    p.add_argument("--allow-partial", action="store_true", help="with --run: score the complete units only")
+    p.add_argument("--sweep", action="store_true",
+                   help="with --run: P/R/F1 over box thresholds, replayed on the boxes the run kept over "
+                        "stages.ground.keep_candidates (no model runs)")
+    p.add_argument("--thresholds", type=_thresholds, default=None,
+                   help="with --sweep: comma-separated thresholds (default 0.05, 0.10, ..., 0.95)")
+    p.add_argument("--min-precision", type=float, default=None,
+                   help="with --sweep: also name the threshold with the best F1 at this precision or more")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-dets", type=int, default=100, help="detections kept per image")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from engine.io.shard_reader import open_run
 from engine.io.storage import Location, basename
@@ -24,20 +24,13 @@ EXPORTERS: dict[str, str] = {
     "odvg-grounding": "engine.export.odvg:export_odvg_grounding",
     "yolo": "engine.export.yolo:export_yolo",
     "labelstudio": "engine.export.labelstudio:export_labelstudio",
+    "regions": "engine.export.regions:export_regions",
 }
 
 
 def run_name(run: Location) -> str:
     """The run folder's last path part (for titles)."""
     return basename(run.uri) if run.remote else Path(run.uri).name
-
-
-def iter_run_samples(run: str | Path | Location) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """Stream (record json, jpeg bytes) for every ok sample of a run's complete units, shard by shard."""
-    from engine.export.common import iter_samples
-
-    for sample in iter_samples(run):
-        yield sample.record, sample.jpg
 
 
 def get_exporter(fmt: str) -> Callable[..., dict[str, Any]]:

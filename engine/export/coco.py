@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.export import run_name
-from engine.export.common import PartFile, assemble_json, category_vocabulary, clip_box, iter_samples, write_image
+from engine.export.common import (PartFile, assemble_json, category_vocabulary, image_boxes, iter_samples,
+                                  write_image)
 from engine.io.storage import Location
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,11 @@ def export_coco(run: Location, dest: Path, *, write_images: bool = True) -> dict
                 "caption": record.get("factual_caption") or record.get("caption") or record.get("raw_caption"),
             }
         )
-        for box in record["boxes"]:
-            clipped = clip_box(box["xyxy"], record["width"], record["height"])
-            if clipped is None:
-                dropped += 1
-                continue
-            x0, y0, x1, y1 = clipped
-            entity = record["entities"][box["entity"]]
+        boxes, _ = image_boxes(record)
+        dropped += len(record["boxes"]) - len(boxes)
+        for (x0, y0, x1, y1), score, index, matched, teacher in zip(
+                boxes.xyxy.tolist(), boxes.scores.tolist(), boxes.entity.tolist(), boxes.matched, boxes.teacher):
+            entity = record["entities"][index]
             annotations.add(
                 {
                     "id": annotations.count + 1,
@@ -63,11 +62,11 @@ def export_coco(run: Location, dest: Path, *, write_images: bool = True) -> dict
                     "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                     "area": round((x1 - x0) * (y1 - y0), 2),
                     "iscrowd": 0,
-                    "score": round(float(box["score"]), 5),
+                    "score": round(score, 5),
                     "phrase": entity["phrase"],
                     "parent_category": entity.get("parent_category"),
-                    "matched": box.get("matched"),
-                    "teacher": box.get("teacher"),
+                    "matched": matched,
+                    "teacher": teacher,
                 }
             )
     head = {

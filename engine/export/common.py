@@ -1,5 +1,5 @@
 """What the box exporters share: streaming a run's samples, image file names, the category vocabulary,
-and clipping boxes to their image.
+and a sample's boxes clipped to its image (`engine.boxes.Boxes`).
 
 File names come from sample keys, and keys that differ only in case (`Cat_1`, `cat_1`) would name one file
 on a case-insensitive file system (macOS, Windows), one image silently replacing the other. `UniqueNames`
@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+import numpy as np
+
+from engine.boxes import Boxes
 from engine.io.shard_reader import complete_unit_ids, iter_index, open_run, read_shard, shard_name
 from engine.io.storage import Location
 
@@ -97,8 +100,8 @@ def category_vocabulary(run: str | Path | Location) -> Vocabulary:
         if row["status"] != "ok":
             continue
         entities = row["entities"] or []
-        for box in row["boxes"] or []:
-            entity = entities[box["entity"]]
+        for index in Boxes.from_rows(row["boxes"] or []).entity.tolist():
+            entity = entities[index]
             name = entity["category"]
             boxes[name] += 1
             parent_votes.setdefault(name, Counter())[entity.get("parent_category") or ""] += 1
@@ -107,18 +110,12 @@ def category_vocabulary(run: str | Path | Location) -> Vocabulary:
     return Vocabulary(names=names, parents=parents, boxes=boxes)
 
 
-def clip_box(xyxy: list[float], width: int, height: int) -> tuple[float, float, float, float] | None:
-    """The box clipped to the image; None when nothing of positive area is left."""
-    x0, y0, x1, y1 = (float(v) for v in xyxy)
-    x0, x1 = max(0.0, min(x0, width)), max(0.0, min(x1, width))
-    y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
-    if x1 - x0 <= 0 or y1 - y0 <= 0:
-        return None
-    return x0, y0, x1, y1
-
-
-def entity_of(record: dict[str, Any], box: dict[str, Any]) -> dict[str, str]:
-    return record["entities"][box["entity"]]
+def image_boxes(record: dict[str, Any]) -> tuple[Boxes, np.ndarray]:
+    """The record's boxes clipped to its image, less those with nothing of positive area left, and the
+    position of each in `record["boxes"]`."""
+    boxes = Boxes.from_rows(record["boxes"]).clip(record["width"], record["height"])
+    kept = np.flatnonzero(boxes.has_area())
+    return boxes.select(kept), kept
 
 
 def write_image(root: Path, name: str, data: bytes) -> None:

@@ -15,11 +15,13 @@ relative path; the default `/data/local-files/?d=` serves DEST through Label Stu
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from engine.export.common import PartFile, assemble_json, category_vocabulary, clip_box, iter_samples, write_image
+from engine.export.common import (PartFile, assemble_json, category_vocabulary, image_boxes, iter_samples,
+                                  write_image)
 from engine.io.atomic import atomic_write_bytes
 from engine.io.storage import Location
 
@@ -40,7 +42,7 @@ def label_config(names: list[str]) -> str:
     )
 
 
-def rectangle(box_id: str, xyxy: tuple[float, float, float, float], width: int, height: int,
+def rectangle(box_id: str, xyxy: Sequence[float], width: int, height: int,
               category: str, score: float, note: str) -> dict[str, Any]:
     x0, y0, x1, y1 = xyxy
     return {
@@ -76,18 +78,15 @@ def export_labelstudio(run: Location, dest: Path, *, image_url_prefix: str = DEF
         w, h = record["width"], record["height"]
         rel = "images/" + sample.image_name()
         write_image(dest, rel, sample.jpg)
-        results, scores, teachers = [], [], set()
-        for i, box in enumerate(record["boxes"]):
-            clipped = clip_box(box["xyxy"], w, h)
-            if clipped is None:
-                dropped += 1
-                continue
-            entity = record["entities"][box["entity"]]
-            note = f"{entity['phrase']} | {entity.get('parent_category') or ''} | matched {box.get('matched')}"
-            score = float(box["score"])
-            results.append(rectangle(f"{sample.shard}-{sample.stem}-{i}", clipped, w, h, entity["category"], score, note))
-            scores.append(score)
-            teachers.add(box.get("teacher") or "teacher")
+        clipped, positions = image_boxes(record)
+        dropped += len(record["boxes"]) - len(clipped)
+        results, scores = [], clipped.scores.tolist()
+        for i, xyxy, index, matched, score in zip(positions.tolist(), clipped.xyxy.tolist(), clipped.entity.tolist(),
+                                                  clipped.matched, scores):
+            entity = record["entities"][index]
+            note = f"{entity['phrase']} | {entity.get('parent_category') or ''} | matched {matched}"
+            results.append(rectangle(f"{sample.shard}-{sample.stem}-{i}", xyxy, w, h, entity["category"], score, note))
+        teachers = {teacher or "teacher" for teacher in clipped.teacher}
         boxes += len(results)
         tasks.add(
             {

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from engine.export.common import category_vocabulary, clip_box, iter_samples, write_image
+from engine.export.common import category_vocabulary, image_boxes, iter_samples, write_image
 from engine.io.atomic import atomic_write_bytes
 from engine.io.storage import Location
 
@@ -60,13 +60,10 @@ def _export(run: Location, dest: Path, *, variant: str, write_images: bool) -> d
             filename = "images/" + sample.image_name()
             if write_images:
                 write_image(dest, filename, sample.jpg)
-            kept = []
-            for box in record["boxes"]:
-                clipped = clip_box(box["xyxy"], record["width"], record["height"])
-                if clipped is None:
-                    dropped += 1
-                    continue
-                kept.append(([round(v, 2) for v in clipped], record["entities"][box["entity"]]))
+            clipped, _ = image_boxes(record)
+            dropped += len(record["boxes"]) - len(clipped)
+            kept = [([round(v, 2) for v in xyxy], record["entities"][index])
+                    for xyxy, index in zip(clipped.xyxy.tolist(), clipped.entity.tolist())]
             row: dict[str, Any] = {"filename": filename, "height": record["height"], "width": record["width"]}
             if variant == "detection":
                 row["detection"] = {

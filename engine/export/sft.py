@@ -1,9 +1,11 @@
 """`export sft`: an instruction-tuning set for the fused annotator (DetCLIPv3 step 3), from a finished run.
 
-LLaVA conversation format: DEST/images/KEY.jpg and DEST/sft.json, a list of
-`{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n" + prompt}, {"from": "gpt",
-"value": entities JSON}]}`. The human turn is the `annotate` prompt filled with the raw caption, the very
-text the `annotate` stage sends at inference, so the tuned model sees what it was trained on.
+LLaVA conversation format: DEST/images/{shard}/{STEM}.jpg (one folder per shard, as every export) and
+DEST/sft.json, a list of `{"id": key, "image": "images/{shard}/{STEM}.jpg", "conversations": [{"from":
+"human", "value": "<image>\\n" + prompt}, {"from": "gpt", "value": '{"entities": [{phrase, category,
+parent_category}, ...]}'}]}`, and DEST/sft_manifest.json (counts, the prompt's id and sha256, the run).
+The human turn is the `annotate` prompt filled with the raw caption, the very text the `annotate` stage
+sends at inference, so the tuned model sees what it was trained on.
 """
 
 from __future__ import annotations
@@ -12,36 +14,33 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.export import iter_run_samples
-from engine.export.common import UniqueNames
+from engine.export.common import iter_samples, write_image
 from engine.prompts import load_prompt
 from engine.io.atomic import atomic_write_bytes
-from engine.io.shards import tar_key
 from engine.io.storage import Location
 
 
 def export(run: Location, dest: Path, *, prompt: str = "annotate", min_entities: int = 1) -> dict[str, Any]:
     template = load_prompt(prompt)
-    images = dest / "images"
-    images.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     out_path = dest / "sft.json"
     tmp = out_path.with_name(out_path.name + ".tmp")
     written = skipped = 0
-    names = UniqueNames()  # one flat folder: unique across the run, case aside
     with open(tmp, "w", encoding="utf-8") as out:  # streamed: one conversation at a time
         out.write("[\n")
-        for record, jpeg in iter_run_samples(run):
+        for sample in iter_samples(run):
+            record = sample.record
             entities = [
                 {k: e[k] for k in ("phrase", "category", "parent_category")} for e in record.get("entities") or []
             ]
             if len(entities) < min_entities:
                 skipped += 1
                 continue
-            stem = names(tar_key(record["key"]))
-            (images / f"{stem}.jpg").write_bytes(jpeg)
+            image = "images/" + sample.image_name()
+            write_image(dest, image, sample.jpg)
             item = {
                 "id": record["key"],
-                "image": f"images/{stem}.jpg",
+                "image": image,
                 "conversations": [
                     {"from": "human", "value": "<image>\n" + template.render(caption=record.get("raw_caption") or "")},
                     {"from": "gpt", "value": json.dumps({"entities": entities}, ensure_ascii=False)},

@@ -2,23 +2,26 @@
 
     DEST/images/train/{shard}/{key}.jpg
     DEST/labels/train/{shard}/{key}.txt   one line per box: `class cx cy w h`, normalised to 0..1
-    DEST/data.yaml                        path, train, val, nc, names {0: cat, ...}
+    DEST/data.yaml                        train, val, nc, names {0: cat, ...}; no `path`
     DEST/classes.txt                      the class names, one per line, line n = class n
 
 A label file sits where Ultralytics looks for it (`/images/` -> `/labels/`, suffix `.txt`). Classes are the
 entities' categories in name order. The whole corpus goes to `train`; `val` points at the same images so
-that the yaml is complete, split it yourself for a real validation set.
+that the yaml is complete, split it yourself for a real validation set. The yaml names no `path`: Ultralytics
+then takes the yaml's own folder as the dataset root, so a copied or moved export reads its own images, not
+the original's.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from engine.export.common import category_vocabulary, clip_box, iter_samples, write_image
+from engine.export.common import category_vocabulary, image_boxes, iter_samples, write_image
 from engine.io.atomic import atomic_write_bytes
 from engine.io.storage import Location
 
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 SPLIT = "train"
 
 
-def label_line(cls: int, xyxy: tuple[float, float, float, float], width: int, height: int) -> str:
+def label_line(cls: int, xyxy: Sequence[float], width: int, height: int) -> str:
     x0, y0, x1, y1 = xyxy
     cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
     return f"{cls} {cx:.6f} {cy:.6f} {(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}"
@@ -42,19 +45,15 @@ def export_yolo(run: Location, dest: Path) -> dict[str, Any]:
     for sample in iter_samples(run):
         record = sample.record
         w, h = record["width"], record["height"]
-        lines = []
-        for box in record["boxes"]:
-            clipped = clip_box(box["xyxy"], w, h)
-            if clipped is None:
-                dropped += 1
-                continue
-            lines.append(label_line(classes[record["entities"][box["entity"]]["category"]], clipped, w, h))
+        clipped, _ = image_boxes(record)
+        dropped += len(record["boxes"]) - len(clipped)
+        lines = [label_line(classes[record["entities"][index]["category"]], xyxy, w, h)
+                 for xyxy, index in zip(clipped.xyxy.tolist(), clipped.entity.tolist())]
         write_image(dest / "images" / SPLIT, sample.image_name(), sample.jpg)
         write_image(dest / "labels" / SPLIT, sample.image_name("txt"), "".join(f"{line}\n" for line in lines).encode())
         images += 1
         boxes += len(lines)
     data = {
-        "path": str(dest.resolve()),
         "train": f"images/{SPLIT}",
         "val": f"images/{SPLIT}",
         "nc": len(vocab.names),

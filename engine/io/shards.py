@@ -230,6 +230,23 @@ class KeyClaims:
 Claim = Callable[[int, list[str]], list[str]]
 
 
+def tar_stems(records: list[Record]) -> list[str | None]:
+    """The member stem each record of a unit (in position order) has in its shard; None for samples that are
+    not ok, which the shard does not hold."""
+    stems: list[str | None] = []
+    seen: set[str] = set()
+    for record in records:
+        if not record.ok:
+            stems.append(None)
+            continue
+        stem = tar_key(record.key)
+        if stem in seen:  # two keys that sanitise alike: keep both, the position tells them apart
+            stem = f"{stem}_{record.position}"
+        seen.add(stem)
+        stems.append(stem)
+    return stems
+
+
 def encode_unit(unit: int, records: list[Record], claim: Claim) -> tuple[bytes, bytes, UnitStats]:
     """The shard tar and index part of a complete unit (positions 0..n-1 once each), keys as `claim` gives
     them (renamed ones keep the original in `meta.duplicate_of_key`)."""
@@ -243,16 +260,11 @@ def encode_unit(unit: int, records: list[Record], claim: Claim) -> tuple[bytes, 
             record.key = key
     stats = UnitStats(unit=unit)
     buffer = io.BytesIO()
-    seen: set[str] = set()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for record in records:
+        for record, stem in zip(records, tar_stems(records)):
             stats.add(record)
-            if not record.ok:
+            if stem is None:
                 continue
-            stem = tar_key(record.key)
-            if stem in seen:  # two keys that sanitise alike: keep both, the position tells them apart
-                stem = f"{stem}_{record.position}"
-            seen.add(stem)
             for ext, data in (
                 ("jpg", record.image or b""),
                 ("json", json.dumps(sample_json(record), ensure_ascii=False).encode("utf-8")),

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from engine.allocator import WorkerAllocator
 from engine.config import PipelineConfig
-from engine.errors import ConfigChanged, Interrupted, RunError, raise_on_sigterm
+from engine.errors import ConfigChanged, Interrupted, RunError, causes, raise_on_sigterm
 from engine.fingerprint import differences, fingerprint_of, shaping
 from engine.io.inputs import Unit, expand_inputs
 from engine.io.lock import OutputLock, new_run_id
@@ -249,13 +249,7 @@ def _system_failure(exc: BaseException) -> bool:
 
     system = (rex.ActorDiedError, rex.ActorUnavailableError, rex.NodeDiedError, rex.ObjectLostError,
               rex.OwnerDiedError, rex.WorkerCrashedError, rex.ObjectFetchTimedOutError, rex.RaySystemError)
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, system):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
+    return any(isinstance(cause, system) for cause in causes(exc))
 
 
 def _run_segment(

@@ -11,6 +11,7 @@ import json
 import numpy as np
 
 from engine import boxes as B
+from engine.boxes import Boxes
 from engine.config import FilterSpec
 from engine.records import Record
 from engine.stages.base import Stage
@@ -27,32 +28,35 @@ class Filter(Stage):
 
     def process_one(self, record: Record) -> None:
         spec: FilterSpec = self.spec
-        record.boxes = self.filter_boxes(record.boxes, width=record.width or 0, height=record.height or 0)
+        boxes = self.filter_boxes(Boxes.from_rows(record.boxes), width=record.width or 0, height=record.height or 0)
+        record.boxes = boxes.to_rows()
         record.stamp(self.name, "rules", params=self._params)
-        if len(record.entities) < spec.min_entities:
-            record.reject(self.name, "too_few_entities", f"{len(record.entities)} entities < {spec.min_entities}")
-        elif len(record.boxes) < spec.min_boxes:
-            record.reject(self.name, "too_few_boxes", f"{len(record.boxes)} boxes < {spec.min_boxes}")
+        rejected = sample_rules(len(record.entities), len(boxes), spec)
+        if rejected is not None:
+            record.reject(self.name, *rejected)
 
-    def filter_boxes(self, boxes: list[dict], *, width: float, height: float) -> list[dict]:
-        spec: FilterSpec = self.spec
-        if not boxes:
-            return []
-        xyxy = B.as_array([b["xyxy"] for b in boxes])
-        if width and height:
-            xyxy = B.clip(xyxy, width, height)
-        scores = np.asarray([b["score"] for b in boxes], dtype=np.float64)
-        entity = np.asarray([b["entity"] for b in boxes], dtype=np.int64)
-        keep = np.flatnonzero((scores >= spec.min_score) & (B.area(xyxy) > spec.min_area))
-        if spec.nms_iou is not None and len(keep):
-            # One object found through both its phrase and its category: keep the best box per entity.
-            keep = keep[B.nms(xyxy[keep], scores[keep], spec.nms_iou, groups=entity[keep])]
-        if spec.class_agnostic_nms_iou is not None and len(keep):
-            keep = keep[B.nms(xyxy[keep], scores[keep], spec.class_agnostic_nms_iou)]
-        keep = keep[np.argsort(-scores[keep], kind="stable")][: spec.max_boxes]
-        out = []
-        for i in keep:
-            box = dict(boxes[i])
-            box["xyxy"] = [float(v) for v in xyxy[i]]
-            out.append(box)
-        return out
+    def filter_boxes(self, boxes: Boxes, *, width: float, height: float) -> Boxes:
+        return clean_boxes(boxes, self.spec, width=width, height=height)
+
+
+def sample_rules(entities: int, boxes: int, spec: FilterSpec) -> tuple[str, str] | None:
+    """(kind, message) when a sample with this many entities and kept boxes is rejected, else None."""
+    if entities < spec.min_entities:
+        return "too_few_entities", f"{entities} entities < {spec.min_entities}"
+    if boxes < spec.min_boxes:
+        return "too_few_boxes", f"{boxes} boxes < {spec.min_boxes}"
+    return None
+
+
+def clean_boxes(boxes: Boxes, spec: FilterSpec, *, width: float, height: float) -> Boxes:
+    """Clipped to the image (when its size is known), over `min_score` and `min_area`, after NMS, the best
+    `max_boxes`, best score first."""
+    if width and height:
+        boxes = boxes.clip(width, height)
+    boxes = boxes.select((boxes.scores >= spec.min_score) & (boxes.area() > spec.min_area))
+    if spec.nms_iou is not None:
+        # One object found through both its phrase and its category: keep the best box per entity.
+        boxes = boxes.select(B.nms(boxes.xyxy, boxes.scores, spec.nms_iou, groups=boxes.entity))
+    if spec.class_agnostic_nms_iou is not None:
+        boxes = boxes.select(B.nms(boxes.xyxy, boxes.scores, spec.class_agnostic_nms_iou))
+    return boxes.select(np.argsort(-boxes.scores, kind="stable")[: spec.max_boxes])

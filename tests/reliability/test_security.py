@@ -19,12 +19,8 @@ def calls(tree):
             yield owner, name, node
 
 
-def test_sources_were_found():
-    assert len(SOURCES) > 20
-
-
 def test_no_pickle_outside_the_install_converter():
-    offenders = []
+    found = []
     for path in SOURCES:
         rel = path.relative_to(ROOT).as_posix()
         tree = ast.parse(path.read_text())
@@ -34,30 +30,33 @@ def test_no_pickle_outside_the_install_converter():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
-            if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "joblib") for n in names) and rel not in PICKLE_ALLOWED:
-                offenders.append(f"{rel}:{node.lineno}")
-    assert offenders == []
+            if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "joblib") for n in names):
+                found.append(rel)
+    # the converter's own import is seen (the scan reads the sources), and it is the only one
+    assert set(found) == PICKLE_ALLOWED
 
 
 def test_torch_load_only_with_weights_only():
-    offenders = []
+    offenders, torch_calls = [], 0
     for path in SOURCES:
         for owner, name, node in calls(ast.parse(path.read_text())):
+            torch_calls += owner == "torch"
             if owner == "torch" and name == "load":
                 ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
                          for k in node.keywords)
                 if not ok:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert offenders == []
+    assert torch_calls and offenders == []  # the scan sees the model code's torch calls
 
 
 def test_no_print_outside_cli_commands():
     allowed = {"engine/cli.py"} | {
         p.relative_to(ROOT).as_posix() for p in (ROOT / "engine" / "commands").glob("*.py")}
-    offenders = []
+    printing = set()
     for path in SOURCES:
         rel = path.relative_to(ROOT).as_posix()
         for owner, name, node in calls(ast.parse(path.read_text())):
-            if not owner and name == "print" and rel not in allowed:
-                offenders.append(f"{rel}:{node.lineno}")
-    assert offenders == []
+            if not owner and name == "print":
+                printing.add(rel if rel in allowed else f"{rel}:{node.lineno}")
+    # the command line's own prints are seen, and nothing else prints
+    assert "engine/cli.py" in printing and sorted(printing - allowed) == []
