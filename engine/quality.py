@@ -368,12 +368,14 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, Any]:
             "precision": precision, "recall": recall, "f1": f1}
 
 
-def run_config(run: str | Path) -> tuple[str, dict[str, Any]]:
-    """The fingerprint and the recorded (public) config the run's complete units were made with; one only."""
+def run_config(run: str | Path, units: dict[int, dict[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
+    """The fingerprint and the recorded (public) config the run's complete units were made with; one only.
+    `units`: the run's markers (`complete_units`) when the caller has read them already."""
     from engine.io.shard_reader import complete_units, open_run
 
     location = open_run(run)
-    prints = {stats.get("fingerprint") for stats in complete_units(location).values()}
+    units = complete_units(location) if units is None else units
+    prints = {stats.get("fingerprint") for stats in units.values()}
     if len(prints) != 1 or None in prints:
         raise QualityError(f"{run}: its units were made with {len(prints)} configs (or record none); a replay "
                            "needs one")
@@ -393,19 +395,20 @@ def run_stage_specs(run: str | Path) -> tuple[Any, Any]:
 
 
 def replay(candidates: Boxes, thresholds: dict[str, float], spec: Any, *, entities: int, width: float,
-           height: float) -> Boxes | None:
+           height: float) -> tuple[Boxes, tuple[str, str] | None]:
     """The boxes a run would have kept from these candidates at `thresholds` (ground's field thresholds, then
-    the filter's cleaning); None when the filter would reject the sample."""
+    the filter's cleaning), and the filter's verdict on the sample: None, or the (kind, message) it would
+    reject it with."""
     from engine.stages.filter import clean_boxes, sample_rules
     from engine.stages.ground import over_thresholds
 
     kept = clean_boxes(over_thresholds(candidates, thresholds), spec, width=width, height=height)
-    return None if sample_rules(entities, len(kept), spec) is not None else kept
+    return kept, sample_rules(entities, len(kept), spec)
 
 
-def _replayable(row: dict[str, Any]) -> bool:
+def replayable(status: str, error: dict[str, Any] | None) -> bool:
     """A sample whose fate the ground thresholds and the filter decided (not decode, extract or a failure)."""
-    return row["status"] == "ok" or (row["status"] == "rejected" and (row.get("error") or {}).get("stage") == "filter")
+    return status == "ok" or (status == "rejected" and (error or {}).get("stage") == "filter")
 
 
 def sweep(run: str | Path, coco: str | Path, *, thresholds: list[float] | None = None,
@@ -425,15 +428,18 @@ def sweep(run: str | Path, coco: str | Path, *, thresholds: list[float] | None =
                            "not kept")
     gt, labels, rows = _open(run, coco, synonyms, allow_partial, wordnet, [*COLUMNS, "candidates", "error"])
     images = {i["id"]: i for i in gt["images"]}
-    prepared = {image_id: (row, _boxes_of(row, "candidates") if _replayable(row) else None,
+    prepared = {image_id: (row, _boxes_of(row, "candidates") if replayable(row["status"], row["error"]) else None,
                            _entity_ids(row, labels)[0]) for image_id, row in rows.items()}
 
     def at(field_thresholds: dict[str, float]) -> dict[str, Any]:
         matched, statuses = {}, Counter()
         for image_id, (row, candidates, ids) in prepared.items():
-            kept = None if candidates is None else replay(candidates, field_thresholds, spec,
-                                                          entities=len(ids), width=row["width"], height=row["height"])
-            status = row["status"] if candidates is None else ("ok" if kept is not None else "rejected")
+            if candidates is None:
+                kept, status = None, row["status"]
+            else:
+                kept, rejected = replay(candidates, field_thresholds, spec, entities=len(ids), width=row["width"],
+                                        height=row["height"])
+                kept, status = (None, "rejected") if rejected else (kept, "ok")
             statuses[status] += 1
             matched[image_id] = (_Image(gt=images[image_id], status=status) if kept is None
                                  else _predictions(images[image_id], row, kept, ids))

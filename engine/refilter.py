@@ -37,7 +37,7 @@ from engine.io.plan import load_plan, save_plan
 from engine.io.shard_reader import complete_units, open_run, read_index, read_shard
 from engine.io.shards import tar_stems, write_unit
 from engine.io.storage import Location
-from engine.quality import QualityError, replay, run_config
+from engine.quality import QualityError, replay, replayable, run_config
 from engine.records import Record
 from engine.runner.manifest import config_record, write_manifest
 from engine.stages.ground import field_thresholds
@@ -65,7 +65,8 @@ def refilter(run: str | Path, output: str | Path, overrides: list[str], *, allow
     check_overrides(overrides)
     parent = open_run(run)
     require_complete(parent, allow_partial=allow_partial, action="refilter")
-    parent_fp, parent_config = run_config(parent)
+    source = complete_units(parent)  # every marker, read once: its fingerprints and the units to write
+    parent_fp, parent_config = run_config(parent, source)
     config = config_from_dict(parent_config, overrides, origin=f"{parent.uri} with --set")
     floor = config.stages.ground.keep_candidates
     if floor is None:
@@ -79,7 +80,6 @@ def refilter(run: str | Path, output: str | Path, overrides: list[str], *, allow
     plan = load_plan(parent)
     if plan is None:
         raise QualityError(f"{parent.uri} has no plan.json")
-    source = complete_units(parent)
     with OutputLock(out, new_run_id()):
         done = complete_units(out)
         foreign = {s.get("fingerprint") for s in done.values()} - {fp}
@@ -119,26 +119,22 @@ def _refilter_unit(parent: Location, out: Location, unit: int, thresholds: dict[
                      key=lambda r: r.position)
     for record, stem in zip(records, tar_stems(records)):
         counts["samples"] += 1
-        candidates = Boxes.from_rows(record.candidates)
-        if record.ok:
-            record.image = images.get(stem)
-            if record.image is None:
-                raise QualityError(f"{parent.uri}: shard {unit} lacks the image of its sample {record.key}")
-            kept = replay(candidates, thresholds, spec, entities=len(record.entities), width=record.width or 0,
-                          height=record.height or 0)
-            counts["replayed"] += 1
-            record.stamp("refilter", "rules", params=params)
-            if kept is None:
-                record.boxes = []
-                record.reject("filter", "too_few_boxes", "fewer boxes than stages.filter.min_boxes at the "
-                              "refilter's settings")
-                counts["rejected_now"] += 1
-            else:
-                record.boxes = kept.to_rows()
-        elif (record.error or {}).get("stage") == "filter" and replay(
-                candidates, thresholds, spec, entities=len(record.entities), width=record.width or 0,
-                height=record.height or 0) is not None:
-            counts["would_take"] += 1
+        if not replayable(record.status, record.error):
+            continue
+        kept, rejected = replay(Boxes.from_rows(record.candidates), thresholds, spec, entities=len(record.entities),
+                                width=record.width or 0, height=record.height or 0)
+        if not record.ok:  # the parent rejected it: its image is not in the shard to write again
+            counts["would_take"] += rejected is None
+            continue
+        record.image = images.get(stem)
+        if record.image is None:
+            raise QualityError(f"{parent.uri}: shard {unit} lacks the image of its sample {record.key}")
+        counts["replayed"] += 1
+        record.stamp("refilter", "rules", params=params)
+        record.boxes = kept.to_rows()  # as the filter stage leaves them, on a sample it rejects too
+        if rejected is not None:
+            record.reject("filter", *rejected)
+            counts["rejected_now"] += 1
     write_unit(out, unit, records, lambda _unit, keys: keys, fingerprint=fp)
     return counts
 

@@ -104,3 +104,11 @@ def test_an_interrupted_refilter_finishes_what_is_missing_and_nothing_twice(tmp_
     assert [r["key"] for r in _index(out)] == [r["key"] for r in _index(parent)]
     with pytest.raises(ConfigError, match="other settings"):
         refilter(parent, out, ["stages.ground.box_threshold=0.5"])
+
+
+def test_a_sample_the_new_filter_rejects_says_why_as_the_filter_stage_does(tmp_path):
+    parent = write_parent(tmp_path / "parent", units=1)
+    refilter(parent, tmp_path / "out", ["stages.filter.min_entities=3"])
+    row = _index(tmp_path / "out")[0]
+    assert row["status"] == "rejected" and row["error"]["kind"] == "too_few_entities"
+    assert row["error"]["message"] == "2 entities < 3" and len(row["boxes"]) == 3  # kept, as the stage keeps them
