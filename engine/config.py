@@ -62,6 +62,8 @@ class OpenAIOptions(_Strict):
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key; never the key
     server: Literal["openai", "vllm", "other"] = "openai"  # vllm: also send vLLM's structured_outputs
     max_concurrency: int = Field(8, ge=1)  # requests in flight per stage worker
+    # Ray Data batches one stage actor holds at once, sharing its `max_concurrency` connections
+    max_concurrent_batches: int = Field(4, ge=1)
     timeout_s: float = Field(60.0, gt=0)  # per HTTP attempt
     max_retries: int = Field(5, ge=0)  # retries after the first attempt (engine/retry.py says which errors)
     backoff_base_s: float = Field(0.5, ge=0)  # first backoff ceiling; doubles per retry, full jitter
@@ -79,7 +81,9 @@ class VllmOptions(_Strict):
     # xgrammar let raw control characters into length-bounded strings (ENVIRONMENT.md); guidance did not.
     structured_outputs_backend: Literal["guidance", "xgrammar", "outlines", "auto"] = "guidance"
     cpu_kv_cache_gb: int | None = Field(None, ge=1)  # CPU only: VLLM_CPU_KVCACHE_SPACE; None: vLLM's default
-
+    # Ray Data batches one stage actor holds at once (threads sharing its engine): the next batch's requests
+    # join while the current batch's longest answers finish (engine/backends/vllm_chat.py).
+    max_concurrent_batches: int = Field(4, ge=1)
 
 
 class RecaptionSpec(_Strict):
@@ -181,6 +185,10 @@ class GroundSpec(_Strict):
     # (weighted boxes fusion, `engine.boxes.fuse_teachers`) when they overlap by `fusion_iou`, and a box only
     # one teacher found must score over `single_teacher_threshold` (None: over the usual thresholds only).
     teachers: list[str] = []
+    # Vocabulary-free annotation: these texts are added to every sample's entities as entities of their own
+    # (phrase = category = parent_category = the text, e.g. "object"), so the teacher also proposes boxes that
+    # no caption named; the describe stage then names each such box from its crop.
+    generic_prompts: list[str] = []
     fusion_iou: float = Field(0.55, gt=0, le=1)
     single_teacher_threshold: float | None = Field(None, ge=0, le=1)
     rescore: RescoreSpec = RescoreSpec()
@@ -202,6 +210,32 @@ class GroundSpec(_Strict):
                 t for t in (self.box_threshold, self.phrase_threshold, self.category_threshold) if t is not None):
             raise ValueError("keep_candidates must not exceed the thresholds: it is the floor they are tuned over")
         return self
+
+
+class DescribeSpec(_Strict):
+    """After the filter, a vision-language model names each kept box's crop as one entity {phrase, category,
+    parent_category} (DetCLIPv3's object captioner data). A box of a generic prompt (`ground.generic_prompts`)
+    takes that name as its entity; any other box is marked with whether the name agrees with its entity
+    (`label_agreement`, engine/language/agreement.py)."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str
+    prompt: str = "describe"
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    context: float = Field(0.1, ge=0, le=1)  # the crop grows by this fraction of the box's size on each side
+    image_max_side: int = Field(336, ge=16)  # crops are shrunk to fit this
+    max_phrase_chars: int = Field(80, ge=1)
+    # How a name and an entity are compared: WordNet (synonyms, and either one's category a kind of the
+    # other's, needs the NLTK data of `granucap nltk-data`), or the words alone.
+    agreement: Literal["wordnet", "words"] = "wordnet"
+    drop_disagreeing: bool = False  # drop boxes whose name disagrees with their entity
+    keep_unnamed: bool = False  # keep a generic prompt's box that got no valid name (its entity stays generic)
+    dtype: str = "auto"
+    device: str = "auto"
+    openai: OpenAIOptions = OpenAIOptions()
+    vllm: VllmOptions = VllmOptions()
+    resources: Resources = Resources()
 
 
 class FilterSpec(_Strict):
@@ -231,6 +265,14 @@ class StagesSpec(_Strict):
     annotate: AnnotateSpec | None = None  # set: the fused annotator replaces recaption and extract
     ground: GroundSpec
     filter: FilterSpec = FilterSpec()
+    describe: DescribeSpec | None = None  # set: name every kept box's crop with a VLM (after the filter)
+
+    @model_validator(mode="after")
+    def _describe_replayable(self) -> "StagesSpec":
+        if self.describe is not None and self.ground.keep_candidates is not None:
+            raise ValueError("describe cannot be combined with ground.keep_candidates: a replay of the thresholds "
+                             "(eval --sweep, refilter) has no VLM to name the boxes with")
+        return self
 
 
 class RaySpec(_Strict):

@@ -53,6 +53,11 @@ class InfrastructureError(RuntimeError):
     it is not a row; it propagates so that Ray restarts the worker (engine/stages/base.py)."""
 
 
+class WorkerLost(InfrastructureError):
+    """The worker process can serve nothing more (its inference engine died): the stage actor exits instead of
+    raising, so that Ray starts a fresh actor and retries every batch the lost one held (engine/runner/dataset.py)."""
+
+
 def is_infrastructure_error(exc: BaseException) -> bool:
     """The machine, not the sample, is the problem: the worker should die and Ray retry elsewhere."""
     return isinstance(exc, (InfrastructureError, MemoryError))
@@ -135,6 +140,7 @@ __all__ = [
     "EXIT_SIGTERM",
     "EXIT_USAGE",
     "InfrastructureError",
+    "WorkerLost",
     "Interrupted",
     "describe_os_error",
     "is_infrastructure_error",

@@ -22,7 +22,7 @@ from engine.prompts import load_prompt
 _OPERATIONAL = {
     "resources", "device", "max_concurrency", "timeout_s", "max_retries", "backoff_base_s", "backoff_max_s",
     "api_key_env", "base_url", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
-    "cpu_kv_cache_gb", "forward_batch_size", "batch_size",
+    "cpu_kv_cache_gb", "forward_batch_size", "batch_size", "max_concurrent_batches",
 }
 # Top-level sections and fields of the same kind
 _OPERATIONAL_TOP = {"name", "description", "cache_dir", "ray", "storage_options"}
@@ -31,6 +31,8 @@ _OPERATIONAL_TOP = {"name", "description", "cache_dir", "ray", "storage_options"
 def describe_prompts(config: PipelineConfig) -> dict[str, str]:
     """The prompt files the pipeline uses: id -> sha256 of the text."""
     ids = ["system"]
+    if config.stages.describe is not None:
+        ids.append(config.stages.describe.prompt)
     if config.stages.annotate is not None:
         return {p.id: p.sha256 for p in map(load_prompt, ids + [config.stages.annotate.prompt])}
     if config.stages.recaption.backend != "passthrough":

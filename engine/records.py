@@ -29,6 +29,10 @@ BOX_TYPE = pa.struct(
         ("entity", pa.int32()),
         ("matched", pa.string()),
         ("teacher", pa.string()),
+        # The describe stage: does the VLM's name for the box's crop agree with the entity (null: not asked,
+        # a generic prompt's box it relabelled, or no valid answer), and that name, "phrase|category|parent".
+        ("label_agreement", pa.bool_()),
+        ("described", pa.string()),
     ]
 )
 ERROR_TYPE = pa.struct([("stage", pa.string()), ("kind", pa.string()), ("message", pa.string())])

@@ -51,6 +51,7 @@ def summarize(
     categories: Counter = Counter()
     parents: Counter = Counter()
     matched: Counter = Counter()
+    named: Counter = Counter()  # the describe stage's verdicts
     columns = ["status", "error", "entities", "boxes"]
     for row in iter_index_rows(run, columns):
         status[row["status"]] += 1
@@ -67,6 +68,10 @@ def summarize(
             categories[entity["category"]] += 1
             parents[entity.get("parent_category") or "(none)"] += 1
             matched[box.get("matched") or "?"] += 1
+            if box.get("described") is not None:
+                agreement = box.get("label_agreement")
+                # None beside a name: a generic prompt's box that took the name as its label
+                named["relabelled" if agreement is None else "agreed" if agreement else "disagreed"] += 1
     ok = status.get("ok", 0)
     n_boxes = sum(k * v for k, v in boxes_per_image.items())
     return {
@@ -90,6 +95,7 @@ def summarize(
         },
         "score_histogram": {f"{i / SCORE_BINS:.1f}-{(i + 1) / SCORE_BINS:.1f}": n for i, n in enumerate(scores)},
         "matched": dict(matched),
+        "described": dict(named),
         "categories": len(categories),
         "top_categories": categories.most_common(top),
         "parent_categories": len(parents),
@@ -186,6 +192,7 @@ figcaption {{ font-size: 11px; }}
 <table>{reasons}</table>
 <h2>Plots</h2>
 <div class="plots">{plots}</div>
+{quality}
 <h2>Gallery</h2>
 <label>category <select id="category"><option value="">all ({n_gallery})</option>{options}</select></label>
 <span id="shown"></span>
@@ -214,9 +221,77 @@ apply();
 """
 
 
+def label_quality(run: str | Path | Location, coco: str | Path) -> dict[str, Any]:
+    """The run scored against labelled images (`engine.quality.score_run`) and, when it kept candidates, its
+    precision/recall curve over box thresholds from its floor up (`sweep`); else `curve` is None and `note`
+    says how to get one."""
+    from engine.quality import run_stage_specs, score_run, sweep
+
+    run = open_run(run)
+    score = score_run(run.uri, coco, allow_partial=True)
+    floor = run_stage_specs(run.uri)[0].keep_candidates
+    if floor is None:
+        return {"score": score, "curve": None,
+                "note": "the run kept no candidates: run it with --set stages.ground.keep_candidates=0.05 to see "
+                        "precision and recall at every threshold"}
+    grid = [t for t in (round(0.05 * i, 2) for i in range(1, 20)) if t >= floor]
+    return {"score": score, "curve": sweep(run.uri, coco, thresholds=grid or [floor]), "note": None}
+
+
+def _quality_plot(quality: dict[str, Any], folder: Path) -> tuple[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=90)
+    curve = quality["curve"]
+    if curve is not None:
+        table = curve["table"]
+        ax.plot([r["recall"] for r in table], [r["precision"] for r in table], "o-", color="#4c72b0",
+                label="box_threshold sweep")
+        for r in table:
+            ax.annotate(f"{r['threshold']:.2f}", (r["recall"], r["precision"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        best = curve["best_f1"]
+        ax.plot([best["recall"]], [best["precision"]], "s", color="#dd8452", label=f"best F1 {best['f1']:.3f}")
+    score = quality["score"]
+    ax.plot([score["recall"]], [score["precision"]], "*", markersize=12, color="#c44e52", label="the run as written")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("precision / recall at IoU 0.5")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(folder / "precision_recall.png")
+    plt.close(fig)
+    return "plots/precision_recall.png", "precision / recall"
+
+
+def _quality_html(quality: dict[str, Any], folder: Path) -> str:
+    src, title = _quality_plot(quality, folder)
+    score = quality["score"]
+    cells = "".join(f"<th>{k}</th>" for k in ("AP", "AP50", "precision", "recall", "F1", "boxes", "GT boxes"))
+    values = "".join(f"<td>{score[k]:.3f}</td>" for k in ("AP", "AP50", "precision", "recall", "f1"))
+    values += f"<td>{score['boxes']}</td><td>{score['gt_boxes']}</td>"
+    rows = ""
+    if quality["curve"] is not None:
+        rows = "".join(f"<tr><td>{r['threshold']:.2f}</td><td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td>"
+                       f"<td>{r['f1']:.3f}</td><td>{r['boxes']}</td></tr>" for r in quality["curve"]["table"])
+        rows = ("<table id=\"sweep\"><tr><th>box_threshold</th><th>precision</th><th>recall</th><th>F1</th>"
+                f"<th>boxes</th></tr>{rows}</table>")
+    note = f"<p>{html.escape(quality['note'])}</p>" if quality["note"] else ""
+    return (f"<h2>Label quality against {html.escape(Path(str(score['gt'])).name)}</h2>"
+            f"<table id=\"quality\"><tr>{cells}</tr><tr>{values}</tr></table>{note}"
+            f'<div class="plots"><img src="{src}" alt="{title}" width="450"></div>{rows}')
+
+
 def write_html(run: str | Path | Location, dest: str | Path, *, gallery: int = 24,
-               summary: dict | None = None) -> Path:
-    """Write DEST/index.html with plots/ and gallery/; returns the page's path."""
+               summary: dict | None = None, quality: dict | None = None) -> Path:
+    """Write DEST/index.html with plots/ and gallery/; with `quality` (`label_quality`), the scores and the
+    precision/recall curve too. Returns the page's path."""
     run, dest = open_run(run), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     summary = summary or summarize(run)
@@ -251,6 +326,7 @@ def write_html(run: str | Path | Location, dest: str | Path, *, gallery: int = 2
         counts=counts,
         reasons=reasons,
         plots="".join(f'<img src="{src}" alt="{html.escape(t)}" width="450">' for src, t in plots),
+        quality=_quality_html(quality, dest / "plots") if quality is not None else "",
         n_gallery=len(figures),
         options="".join(f'<option value="{html.escape(c)}">{html.escape(c)} ({n})</option>' for c, n in sorted(seen.items())),
         figures="\n".join(figures),

@@ -28,7 +28,8 @@ def _jpeg(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
 
 
 def _box(xyxy, score, entity, matched="phrase"):
-    return {"xyxy": [float(v) for v in xyxy], "score": score, "entity": entity, "matched": matched, "teacher": "fake-teacher"}
+    return {"xyxy": [float(v) for v in xyxy], "score": score, "entity": entity, "matched": matched, "teacher": "fake-teacher",
+            "label_agreement": None, "described": None}
 
 
 def make_records() -> list[Record]:

@@ -72,15 +72,18 @@ def test_rows_a_run_wrote_come_back_unchanged(tmp_path):
 
 
 def test_rows_without_matched_or_teacher_keep_them_none_through_the_record_table():
-    rows = [{"xyxy": [1.0, 2.0, 3.0, 4.0], "score": 0.5, "entity": 0, "matched": None, "teacher": None},
-            {"xyxy": [0.0, 0.0, 10.0, 10.0], "score": 1.0, "entity": 1, "matched": "category", "teacher": "t"}]
+    rows = [{"xyxy": [1.0, 2.0, 3.0, 4.0], "score": 0.5, "entity": 0, "matched": None, "teacher": None,
+             "label_agreement": None, "described": None},
+            {"xyxy": [0.0, 0.0, 10.0, 10.0], "score": 1.0, "entity": 1, "matched": "category", "teacher": "t",
+             "label_agreement": False, "described": "a dog|dog|animal"}]
     record = Record(key="k", source="s", entities=[{"phrase": "a", "category": "a", "parent_category": None}] * 2,
                     boxes=rows)
     [read] = from_table(to_table([record]))
     boxes = Boxes.from_rows(read.boxes)
     assert boxes.to_rows() == rows
     assert Boxes.from_rows([{"xyxy": [1, 2, 3, 4], "score": 1, "entity": 0}]).to_rows() == [
-        {"xyxy": [1.0, 2.0, 3.0, 4.0], "score": 1.0, "entity": 0, "matched": None, "teacher": None}]
+        {"xyxy": [1.0, 2.0, 3.0, 4.0], "score": 1.0, "entity": 0, "matched": None, "teacher": None,
+         "label_agreement": None, "described": None}]
 
 
 @pytest.mark.parametrize("index", [[False, True, True], np.array([2, 1]), [1, 2]])

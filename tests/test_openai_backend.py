@@ -595,3 +595,67 @@ def test_a_caption_that_tries_to_instruct_the_model_stays_data(server):
     assert text.count("<caption>") == 1 and text.count("</caption>") == 1
     inside = text.split("<caption>")[1].split("</caption>")[0]
     assert "Ignore previous instructions" in inside and "‹/caption›" in inside
+
+
+# ------------------------------------------------------------------------------------------ batches in flight
+
+
+def test_batches_in_flight_share_the_connections_and_stream_across_batch_boundaries(server):
+    """Two batches at once in one worker (a stage actor's threads): together they keep to `max_concurrency`,
+    and a request of the second batch is sent while the first batch's slow request is still unanswered."""
+    second_batch_sent = threading.Event()
+    held = []  # whether the slow request saw the second batch's request arrive (not its own timeout)
+
+    def respond(body, n):
+        text = user_text(body)
+        if text == "slow":
+            held.append(second_batch_sent.wait(10))
+        elif text.startswith("b"):
+            second_batch_sent.set()
+        return Reply(body=completion("echo " + text))
+
+    server.respond = respond
+    chat = backend(server, max_concurrency=2)
+    first = [req(t) for t in ("slow", "a1", "a2", "a3")]
+    second = [req(f"b{i}") for i in range(3)]
+    out = {}
+    threads = [threading.Thread(target=lambda k, batch: out.__setitem__(k, chat.generate(batch)), args=(k, b))
+               for k, b in (("first", first), ("second", second))]
+    threads[0].start()
+    while not server.requests:  # the first batch is in flight before the second comes
+        second_batch_sent.wait(0.01)
+    threads[1].start()
+    for t in threads:
+        t.join(30)
+    assert held == [True]
+    assert [r.text for r in out["first"]] == ["echo slow", "echo a1", "echo a2", "echo a3"]
+    assert [r.text for r in out["second"]] == ["echo b0", "echo b1", "echo b2"]
+    assert server.max_in_flight == 2  # one pool for both batches, not one per call
+    chat.close()
+
+
+def test_extract_sends_a_samples_entities_prompt_as_soon_as_its_factual_answer_is_back(server):
+    """The factual answer of one sample is held until the server sees another sample's entities request:
+    answered at all (not at the hold's timeout) only because the stage does not wait for the whole batch."""
+    entities_sent = threading.Event()
+    held = []
+
+    def respond(body, n):
+        text = user_text(body)
+        if "response_format" in body:
+            entities_sent.set()
+        elif "a car photo" in text:
+            held.append(entities_sent.wait(10))
+        return extract_server(body, n)
+
+    server.respond = respond
+    spec = ExtractSpec(backend="openai", model="m", openai=options(server, max_concurrency=4))
+    out = Extract(spec)(extract_records())
+    assert held == [True]
+    assert [r.status for r in out] == ["ok", "rejected", "ok", "ok"]  # the same rows as one call after another
+    cats, bad, car, mood = out
+    assert car.entities == [{"phrase": "a red car", "category": "car", "parent_category": "vehicle"}]
+    assert usage(cats, "extract") == {"requests": 2, "prompt_tokens": 110, "completion_tokens": 25}
+    assert usage(bad, "extract") == {"requests": 2, "prompt_tokens": 110, "completion_tokens": 14}
+    assert usage(mood, "extract") == {"requests": 1, "prompt_tokens": 50, "completion_tokens": 5}
+    assert len(server.requests) == 7

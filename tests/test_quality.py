@@ -61,7 +61,8 @@ SOFA = {"phrase": "red sofa", "category": "sofa", "parent_category": "furniture"
 
 
 def _box(xyxy, entity=0, score=0.9, matched="category") -> dict:
-    return {"xyxy": xyxy, "score": score, "entity": entity, "matched": matched, "teacher": "t"}
+    return {"xyxy": xyxy, "score": score, "entity": entity, "matched": matched, "teacher": "t",
+            "label_agreement": None, "described": None}
 
 
 def _half(xyxy):
@@ -307,3 +308,36 @@ def test_keep_candidates_is_a_floor_under_the_thresholds_and_not_with_rescore():
         GroundSpec(model="m", box_threshold=0.3, phrase_threshold=0.2, keep_candidates=0.25)
     with pytest.raises(ValueError, match="cannot be combined with rescore"):
         GroundSpec(model="m", keep_candidates=0.05, rescore={"enabled": True})
+
+
+def test_inspect_with_gt_scores_the_run_and_draws_its_precision_recall_curve(tmp_path, capsys):
+    from PIL import Image
+
+    from engine.cli import main
+
+    run, gt = _sweep_run(tmp_path)
+    page = tmp_path / "page"
+    assert main(["inspect", run, "--coco", gt, "--html", str(page), "--json"]) == 0
+    quality = json.loads(capsys.readouterr().out)["label_quality"]
+    # The run as written (its threshold 0.3): A and C right, B wrong, both dogs found.
+    assert (quality["score"]["precision"], quality["score"]["recall"]) == (pytest.approx(2 / 3), 1.0)
+    curve = {round(r["threshold"], 2): (r["precision"], r["recall"]) for r in quality["curve"]}
+    assert min(curve) == 0.3  # from the candidates' floor up
+    assert curve[0.3] == (pytest.approx(2 / 3), 1.0) and curve[0.7] == (1.0, 0.5) and curve[0.95] == (0.0, 0.0)
+    text = (page / "index.html").read_text()
+    assert 'id="quality"' in text and 'id="sweep"' in text and "plots/precision_recall.png" in text
+    with Image.open(page / "plots" / "precision_recall.png") as image:
+        assert image.format == "PNG" and image.width > 100
+
+
+def test_inspect_with_gt_on_a_run_without_candidates_scores_it_and_says_how_to_get_the_curve(tmp_path, capsys):
+    from engine.cli import main
+
+    run, gt = _sweep_run(tmp_path, ground={"keep_candidates": None})
+    page = tmp_path / "page"
+    assert main(["inspect", run, "--coco", gt, "--html", str(page)]) == 0
+    printed = capsys.readouterr().out
+    assert "label quality against" in printed and "keep_candidates" in printed
+    text = (page / "index.html").read_text()
+    assert 'id="quality"' in text and 'id="sweep"' not in text and "keep_candidates=0.05" in text
+    assert (page / "plots" / "precision_recall.png").is_file()

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,77 @@ def test_a_bad_request_fails_alone(llama):
     assert results[0].text == llama.generate([requests[0]])[0].text
 
 
+# -- several batches in flight (a stage actor's threads share one engine) -------------------------------
+
+
+@needs_vllm
+def test_batches_in_flight_keep_order_and_a_later_batch_overtakes_a_long_tail(llama):
+    """The engine takes a later batch's requests while an earlier batch's long answer is still generating:
+    the short batch comes back first; every batch is 1:1, in order, and the same as each request alone."""
+    # Random weights never stop early at greedy here: the long request generates all of its max_tokens.
+    long_batch = [_user(CAPTIONS[0], max_tokens=1500), _user(CAPTIONS[1], max_tokens=2)]
+    pending = [llama.submit(r) for r in long_batch]
+    short_batch = [_user(c, max_tokens=n) for c, n in zip(CAPTIONS, (1, 7, 3, 12, 2, 5), strict=True)]
+    short = llama.generate(short_batch)
+    assert not pending[0].done()  # the long answer's tail is still running; the engine served the short batch
+    long = [f.result() for f in pending]
+    assert long[0].completion_tokens == 1500 and long[0].finish_reason == "length"
+    assert [r.completion_tokens for r in short] == [1, 7, 3, 12, 2, 5]
+    alone = [llama.generate([r])[0] for r in short_batch]
+    assert [r.text for r in short] == [r.text for r in alone]
+    assert long[1].text == llama.generate([long_batch[1]])[0].text
+
+    # Threads, as in a stage actor with max_concurrent_batches > 1: answers of very different lengths.
+    batches = [[_user(f"{c} ({k})", max_tokens=n) for c, n in zip(CAPTIONS, lengths, strict=True)]
+               for k, lengths in enumerate([(1, 300, 2, 80, 5, 160), (200, 1, 40, 1, 120, 3), (9, 9, 250, 4, 1, 60)])]
+    out: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda k: out.__setitem__(k, llama.generate(batches[k])), args=(k,))
+               for k in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for k, batch in enumerate(batches):
+        assert [r.completion_tokens for r in out[k]] == [r.max_tokens for r in batch]
+        assert [r.text for r in out[k]] == [llama.generate([r])[0].text for r in batch]
+
+
+@needs_vllm
+def test_extract_batches_in_flight_fail_only_the_bad_sample(extract_stage):
+    """Batches of the extract stage on three threads at once, one with a caption over the context: that sample
+    is its row's error, every other row is what the batch gives run alone, with exact provenance."""
+    too_long = " ".join(["word"] * 3000)
+
+    def batch(k: int) -> list[Record]:
+        captions = CAPTIONS[k:] + CAPTIONS[:k]
+        if k == 1:
+            captions = captions[:2] + [too_long] + captions[2:]
+        return [Record(key=f"b{k}-{i}", source="s", position=i, raw_caption=c, caption=c)
+                for i, c in enumerate(captions)]
+
+    out: dict[int, list[Record]] = {}
+    threads = [threading.Thread(target=lambda k: out.__setitem__(k, extract_stage(batch(k))), args=(k,))
+               for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for k in range(3):
+        expected = batch(k)
+        assert [r.key for r in out[k]] == [r.key for r in expected]
+        alone = extract_stage(batch(k))
+        for got, ref in zip(out[k], alone, strict=True):
+            if got.raw_caption == too_long:
+                assert got.error["stage"] == "extract" and got.error["kind"] == "backend_error"
+                assert "maximum context length" in got.error["message"]
+                continue
+            assert got.ok, got.error
+            assert got.entities == ref.entities
+            (prov,) = got.provenance
+            assert json.loads(prov["params"])["usage"] == json.loads(ref.provenance[0]["params"])["usage"]
+            assert json.loads(prov["params"])["usage"]["requests"] == 1
+
+
 # -- stages --------------------------------------------------------------------------------------------
 
 
@@ -247,4 +319,39 @@ def test_smoke_pipeline_runs_vllm_in_ray_actors(tmp_path, model_cache):
         stages = {p["stage"]: p for p in row["provenance"]}
         assert stages["recaption"]["backend"] == "vllm", row
         assert stages["extract"]["backend"] == "vllm", row
+        assert not (row["error"] and row["error"]["stage"] in ("recaption", "extract")), row["error"]
+
+
+@needs_vllm
+def test_an_engine_that_dies_restarts_its_actor_and_its_batches_are_redone_once(tmp_path, model_cache):
+    """Batches of 2, three in flight per actor; extract's engine core is killed (SIGKILL) as the first batch
+    reaches it. The actor exits, Ray starts a fresh one (a fresh engine), the batches it held are redone:
+    every sample comes out once, with one extract entry, and none is failed by the crash."""
+    from engine.demo import write_demo_input
+
+    write_demo_input(tmp_path / "in", samples=12, per_tar=12, seed=0)
+    marker = tmp_path / "engine-killed"
+    env = {**os.environ, "GRANUCAP_CACHE": model_cache, "HF_HUB_OFFLINE": "1",
+           "GRANUCAP_CHAOS_KILL_ENGINE_ONCE": f"extract:{marker}"}
+    sets = ["stages.recaption.resources.batch_size=2", "stages.extract.resources.batch_size=2",
+            "stages.recaption.vllm.max_concurrent_batches=3", "stages.extract.vllm.max_concurrent_batches=3",
+            "write.shard_size=12", "ray.max_attempts=1"]  # no second Dataset: the actor's restart must do it
+    cmd = [sys.executable, "-m", "engine.cli", "run", str(REPO / "pipelines" / "smoke-vllm.yaml"),
+           "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.exists()  # the engine was killed
+    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    assert counts["read"] == 12 and counts["failed"] == 0, counts
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "out" / "index").to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted({r["key"] for r in rows}) and len(rows) == 12
+    reached = [r for r in rows if not (r["error"] and r["error"]["stage"] == "decode")]
+    assert len(reached) >= 8
+    for row in reached:
+        stages = [p["stage"] for p in row["provenance"]]
+        assert stages.count("recaption") == 1 and stages.count("extract") == 1, stages
         assert not (row["error"] and row["error"]["stage"] in ("recaption", "extract")), row["error"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -54,6 +55,28 @@ class ChatBackend(Protocol):
     model_id: str
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]: ...
+
+
+class StreamingChatBackend(ChatBackend, Protocol):
+    """A chat backend that takes requests while others run (vllm, openai): `submit` returns at once, and the
+    requests of every caller share one engine (or one bounded pool of connections), so several batches in
+    flight in one actor keep it busy, and a sample's second prompt goes out as soon as its first is answered
+    instead of after the whole batch's. The future's result is a `ChatResult` (a request's failure is its
+    `error`); it raises only an infrastructure error (`WorkerLost` when the engine died). Thread-safe."""
+
+    def submit(self, request: ChatRequest) -> Future[ChatResult]: ...
+
+
+def streams(backend: Any) -> bool:
+    """Whether `backend` takes requests one at a time while others run (`StreamingChatBackend`)."""
+    return callable(getattr(backend, "submit", None))
+
+
+def wait_all(futures: list[Future[ChatResult]]) -> list[ChatResult]:
+    """The futures' results in order (after all of them are done, so none is left running unseen when one
+    raises)."""
+    wait(futures)
+    return [f.result() for f in futures]
 
 
 @dataclass(slots=True)

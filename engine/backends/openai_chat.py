@@ -1,7 +1,9 @@
 """Chat backend over any OpenAI-compatible endpoint (OpenAI, `vllm serve`, SGLang, llama.cpp server).
 
-Requests of one `generate` call run concurrently in a thread pool of `max_concurrency`; results come back in
-order. Retries live in engine/retry.py (the client's own are switched off). Outcomes:
+Requests run concurrently in one thread pool of `max_concurrency` for the backend's life, shared by every
+batch the stage actor holds at once (`max_concurrent_batches`), so requests stream across batch boundaries
+with bounded concurrency; `generate`'s results come back in order. Retries live in engine/retry.py (the
+client's own are switched off). Outcomes:
 
 - retryable failures (408/429/5xx, timeouts, connection errors) are retried with backoff, Retry-After honoured;
 - one request's failure after retries (exhausted retries, timeout, 400/413/422, a body that is not a chat
@@ -24,11 +26,11 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.backends.base import BackendSpec, ChatRequest, ChatResult
+from engine.backends.base import BackendSpec, ChatRequest, ChatResult, wait_all
 from engine.config import OpenAIOptions
 from engine.errors import InfrastructureError
 from engine.retry import RetryPolicy, call_with_retries, is_retryable_status, parse_retry_after
@@ -105,24 +107,32 @@ class OpenAIChat:
         self.counters = UsageCounters()
         self._lock = threading.Lock()
         self._sleep = time.sleep  # tests swap this for a recorder
+        # One pool for the backend's life, not one per call: its threads are the requests in flight.
+        self._pool = ThreadPoolExecutor(max_workers=opts.max_concurrency, thread_name_prefix="openai-chat")
         log.info("openai chat backend: model %s at %s (server %s, concurrency %d, timeout %.1fs, retries %d)",
                  self.model_id, self.endpoint, opts.server, opts.max_concurrency, opts.timeout_s, opts.max_retries)
 
     # -- public -----------------------------------------------------------------------------------------
 
+    def submit(self, request: ChatRequest) -> Future[ChatResult]:
+        """Send one request (from any thread): it waits for one of the backend's `max_concurrency`
+        connections, shared by every batch this worker holds, so requests stream across batch boundaries."""
+        return self._pool.submit(self._one, request)
+
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        """Results 1:1 and in order; at most `max_concurrency` requests in flight."""
-        if not requests:
-            return []
-        workers = min(self.options.max_concurrency, len(requests))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-chat") as pool:
-            futures = [pool.submit(self._one, r) for r in requests]
-            try:
-                return [f.result() for f in futures]
-            except InfrastructureError:
-                for f in futures:
-                    f.cancel()
-                raise
+        """Results 1:1 and in order; at most `max_concurrency` requests in flight, counting those of other
+        batches in flight in this worker."""
+        futures = [self.submit(r) for r in requests]
+        try:
+            return wait_all(futures)
+        except InfrastructureError:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def close(self) -> None:
+        """Let the requests in flight finish and stop the connection threads."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def usage(self) -> dict[str, int]:
         with self._lock:

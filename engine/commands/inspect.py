@@ -34,7 +34,7 @@ def console():
 def cmd_inspect(args: argparse.Namespace) -> int:
     from engine.io.completeness import require_complete
     from engine.io.shard_reader import open_run
-    from engine.report import completeness_line, summarize, write_html
+    from engine.report import completeness_line, label_quality, summarize, write_html
 
     run = open_run(args.run_dir)  # one reachability check, shared by the summary and the page
     completeness = require_complete(run, allow_partial=args.allow_partial, action="inspect")
@@ -43,8 +43,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"{args.run_dir}: no complete shards, no plan.json and no manifest.json; is it a granucap run?"
         )
+    quality = label_quality(run, args.coco) if args.coco else None
+    if quality is not None:
+        summary["label_quality"] = {"score": {k: quality["score"][k] for k in
+                                              ("AP", "AP50", "precision", "recall", "f1", "boxes", "gt_boxes")},
+                                    "curve": quality["curve"] and quality["curve"]["table"]}
     if args.html:
-        summary["html"] = str(write_html(run, args.html, gallery=args.gallery, summary=summary))
+        summary["html"] = str(write_html(run, args.html, gallery=args.gallery, summary=summary, quality=quality))
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -89,6 +94,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _table(f"top parent categories ({summary['parent_categories']} in all)", ["parent category", "boxes"],
                summary["top_parent_categories"])
     )
+    if summary["described"]:
+        out.print(_table("boxes named by the describe stage", ["verdict", "boxes"], sorted(summary["described"].items())))
+    if quality is not None:
+        score = quality["score"]
+        out.print(_table(f"label quality against {args.coco} (IoU 0.5; docs/quality.md)",
+                         ["AP", "AP50", "precision", "recall", "F1", "boxes", "GT boxes"],
+                         [[f"{score[k]:.3f}" for k in ("AP", "AP50", "precision", "recall", "f1")]
+                          + [score["boxes"], score["gt_boxes"]]]))
+        if quality["note"]:
+            out.print(f"note: {quality['note']}")
     if summary["dummy_models"]:
         out.print("note: made with dummy (random-weight) models; boxes and captions are random by design")
     if args.html:
@@ -148,6 +163,10 @@ def add_parser(sub) -> None:
     p.add_argument("--gallery", type=int, default=24, help="images in the HTML gallery (default 24)")
     p.add_argument("--top", type=int, default=15, help="rows in the reason and category tables")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    p.add_argument("--coco", metavar="GT.json", default=None,
+                   help="labelled images (COCO): score the run's boxes against them (as `eval --run`), and on the "
+                        "--html page draw precision/recall over box thresholds (needs a run with "
+                        "stages.ground.keep_candidates)")
     p.add_argument("--allow-partial", action="store_true",
                    help="summarise the complete units of a run whose plan has units still to write (else refused)")
     p.set_defaults(func=cmd_inspect)

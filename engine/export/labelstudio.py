@@ -8,8 +8,13 @@ Each box is a prediction result `{"id", "from_name": "label", "to_name": "image"
 "original_width", "original_height", "image_rotation": 0, "value": {"x", "y", "width", "height",
 "rotation": 0, "rectanglelabels": [category]}, "score", "meta": {"text": [phrase / parent]}}` with x, y, width,
 height in percent of the image (Label Studio's convention). `data.image` is `image_url_prefix` + the
-relative path; the default `/data/local-files/?d=` serves DEST through Label Studio's local file storage
-(`LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true`, `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=DEST`).
+path relative to DEST. The default, `/data/local-files/?d=`, is Label Studio's Local Files URL: it serves
+`LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT/images/...` once serving is on
+(`LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true`), the document root is DEST, and the project has a Local Files
+source storage whose path holds the image (DEST/images; without one Label Studio answers 403). Nothing in
+the files names DEST, so a moved export works with the root and storage pointed at its new place. With a
+parent folder as the root, the prefix is `/data/local-files/?d=SUBDIR/`; with a web server, its URL.
+docs/formats.md gives the steps.
 """
 
 from __future__ import annotations

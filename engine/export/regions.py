@@ -85,5 +85,7 @@ def export_regions(run: Location, dest: Path, *, prompt: str = "region", write_i
     summary = {"format": "regions", "conversations": str(dest / CONVERSATIONS), "jsonl": str(jsonl_target),
                "images": images, "regions": regions, "dropped_boxes": dropped, "prompt_id": template.id,
                "prompt_sha256": template.sha256, "run": run.uri}
-    atomic_write_bytes(dest / "regions_manifest.json", json.dumps(summary, indent=2).encode())
+    # the manifest travels with DEST: it names its files relative to DEST (the summary, for the caller, in full)
+    manifest = {**summary, "conversations": CONVERSATIONS, "jsonl": JSONL}
+    atomic_write_bytes(dest / "regions_manifest.json", json.dumps(manifest, indent=2).encode())
     return summary

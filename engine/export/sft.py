@@ -59,5 +59,7 @@ def export(run: Location, dest: Path, *, prompt: str = "annotate", min_entities:
         "prompt_sha256": template.sha256,
         "run": run.uri,
     }
-    atomic_write_bytes(dest / "sft_manifest.json", json.dumps(summary, indent=2).encode())
+    # the manifest travels with DEST: it names its files relative to DEST (the summary, for the caller, in full)
+    manifest = {**summary, "file": out_path.name}
+    atomic_write_bytes(dest / "sft_manifest.json", json.dumps(manifest, indent=2).encode())
     return summary

@@ -2,14 +2,17 @@
 
     DEST/images/train/{shard}/{key}.jpg
     DEST/labels/train/{shard}/{key}.txt   one line per box: `class cx cy w h`, normalised to 0..1
-    DEST/data.yaml                        train, val, nc, names {0: cat, ...}; no `path`
+    DEST/dataset.yaml                     train, val, nc, names {0: cat, ...}; no `path`
     DEST/classes.txt                      the class names, one per line, line n = class n
 
-A label file sits where Ultralytics looks for it (`/images/` -> `/labels/`, suffix `.txt`). Classes are the
-entities' categories in name order. The whole corpus goes to `train`; `val` points at the same images so
-that the yaml is complete, split it yourself for a real validation set. The yaml names no `path`: Ultralytics
-then takes the yaml's own folder as the dataset root, so a copied or moved export reads its own images, not
-the original's.
+A label file sits where Ultralytics and FiftyOne look for it (the last `/images/` -> `/labels/`, suffix
+`.txt`). Classes are the entities' categories in name order. The whole corpus goes to `train`; `val` points at
+the same images so that the yaml is complete, split it yourself for a real validation set.
+
+The yaml is `dataset.yaml`, the name FiftyOne's YOLOv5 importer looks for; Ultralytics takes any name
+(`data=DEST/dataset.yaml`), or DEST itself, where it wants exactly one yaml, so there is no second one. It
+names no `path`: both then take the yaml's own folder as the dataset root, so a copied or moved export reads
+its own images, not the original's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from engine.io.storage import Location
 log = logging.getLogger(__name__)
 
 SPLIT = "train"
+DATASET_YAML = "dataset.yaml"
 
 
 def label_line(cls: int, xyxy: Sequence[float], width: int, height: int) -> str:
@@ -37,7 +41,7 @@ def label_line(cls: int, xyxy: Sequence[float], width: int, height: int) -> str:
 
 
 def export_yolo(run: Location, dest: Path) -> dict[str, Any]:
-    """Write images, one label file per image, data.yaml and classes.txt; returns a summary."""
+    """Write images, one label file per image, dataset.yaml and classes.txt; returns a summary."""
     dest.mkdir(parents=True, exist_ok=True)
     vocab = category_vocabulary(run)
     classes = vocab.index()
@@ -59,12 +63,12 @@ def export_yolo(run: Location, dest: Path) -> dict[str, Any]:
         "nc": len(vocab.names),
         "names": dict(enumerate(vocab.names)),
     }
-    atomic_write_bytes(dest / "data.yaml", yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
+    atomic_write_bytes(dest / DATASET_YAML, yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
     atomic_write_bytes(dest / "classes.txt", "".join(f"{n}\n" for n in vocab.names).encode())
     log.info("yolo: %d images, %d boxes, %d classes", images, boxes, len(vocab.names))
     return {
         "format": "yolo",
-        "data_yaml": str(dest / "data.yaml"),
+        "dataset_yaml": str(dest / DATASET_YAML),
         "images": images,
         "boxes": boxes,
         "classes": len(vocab.names),

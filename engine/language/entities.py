@@ -219,3 +219,46 @@ def normalize_entities(
         seen.add((phrase, category))
         out.append({"phrase": phrase, "category": category, "parent_category": parent})
     return out
+
+
+# ------------------------------------------------------------------------------------------- generic prompts
+
+
+def generic_entity(text: str) -> dict[str, str]:
+    """The entity a generic prompt ("object") becomes: the text as phrase, category and parent category."""
+    text = " ".join(text.lower().split())
+    return {"phrase": text, "category": text, "parent_category": text}
+
+
+def with_generic(entities: list[dict[str, Any]], texts: Iterable[str]) -> list[dict[str, Any]]:
+    """`entities` followed by the generic prompts' entities that are not among them already."""
+    out = list(entities)
+    seen = {(e.get("phrase"), e.get("category")) for e in out}
+    for entity in map(generic_entity, texts):
+        if (entity["phrase"], entity["category"]) not in seen:
+            seen.add((entity["phrase"], entity["category"]))
+            out.append(entity)
+    return out
+
+
+def is_generic(entity: Mapping[str, Any], texts: Iterable[str]) -> bool:
+    """Whether `entity` is a generic prompt's entity (as `generic_entity` makes it)."""
+    return any(dict(entity) == generic_entity(text) for text in texts)
+
+
+# ------------------------------------------------------------------------------------------- one named box
+
+ENTITY_JSON_SCHEMA: dict[str, Any] = {
+    "title": "entity",
+    **ENTITIES_JSON_SCHEMA["properties"]["entities"]["items"],
+}
+
+
+def parse_entity_json(text: str) -> dict[str, str]:
+    """One entity object {phrase, category, parent_category} (the describe stage's answer), validated as an
+    item of the entities schema; raise EntityFormatError with the reason otherwise."""
+    if not isinstance(text, str):
+        raise EntityFormatError(f"answer must be a string, got {type(text).__name__}")
+    if len(text) > MAX_ANSWER_CHARS:
+        raise EntityFormatError(f"answer longer than {MAX_ANSWER_CHARS} chars")
+    return validate_entities_obj({"entities": [_one_json_object(text.strip())]})[0]

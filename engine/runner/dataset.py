@@ -21,6 +21,7 @@ this module.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from dataclasses import asdict
@@ -35,11 +36,13 @@ from engine.io.shard_reader import shard_files
 from engine.io.shards import KeyClaims, completed_keys, write_unit
 from engine.io.storage import Location
 from engine.records import Record, from_table, to_table
-from engine.errors import RunError
+from engine.errors import RunError, WorkerLost
 from engine.runner.sizing import data_memory_budget
-from engine.runner.stages import build_stage, operators
+from engine.runner.stages import batches_in_flight, build_stage, operators
 
 CHAOS_ENV = "GRANUCAP_CHAOS_KILL_ONCE"
+CHAOS_ENGINE_ENV = "GRANUCAP_CHAOS_KILL_ENGINE_ONCE"
+WORKER_LOST_EXIT = 70  # the exit status of a stage actor whose engine died
 
 REPORT_SCHEMA = pa.schema([
     ("unit", pa.int64()),
@@ -94,6 +97,29 @@ def _chaos(name: str) -> None:
         os._exit(137)
 
 
+def _chaos_engine(name: str) -> None:
+    """Fault injection for the engine-death tests: with GRANUCAP_CHAOS_KILL_ENGINE_ONCE=STAGE:PATH the first
+    batch that reaches STAGE's actors kills the processes the actor started (vLLM's engine core), as a crash
+    of the engine would; PATH records that it happened. Unset, this costs one dictionary lookup per batch."""
+    spec = os.environ.get(CHAOS_ENGINE_ENV)
+    if not spec:
+        return
+    stage, _, path = spec.partition(":")
+    if stage != name or not path:
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    import multiprocessing
+    import signal
+
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+
+
 class _StageActor:
     """One model stage (and the CPU stages fused after it) per Ray actor: the model loads once, then serves
     batch after batch."""
@@ -108,9 +134,16 @@ class _StageActor:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         records = from_table(table)
-        for name, stage in zip(self.names, self.stages):
-            _chaos(name)
-            records = stage(records)
+        try:
+            for name, stage in zip(self.names, self.stages):
+                _chaos(name)
+                _chaos_engine(name)
+                records = stage(records)
+        except WorkerLost as exc:
+            # Raised, it would fail the Dataset; exiting, the actor is lost to Ray, which starts a fresh one
+            # (a fresh engine) and retries every batch this one held, none of which has returned rows.
+            logging.getLogger(__name__).error("%s: %s; exiting so that Ray restarts this actor", self.names[0], exc)
+            os._exit(WORKER_LOST_EXIT)
         return to_table(records)
 
 
@@ -178,6 +211,33 @@ def _write_units(
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
 
 
+def map_stage_group(ds: Any, names: tuple[str, ...], config: PipelineConfig, config_json: str) -> Any:
+    """`ds` through the actor pool of one model stage and the CPU stages joined to it (`stages.operators`),
+    as `granucap run` maps it (benchmarks/language.py times this operator alone)."""
+    import ray.data
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")  # see build_dataset
+        res: Resources = getattr(config.stages, names[0]).resources
+        # the defaults of max_restarts / max_task_retries (-1) would retry forever
+        in_flight = batches_in_flight(names, config)
+        return ds.map_batches(
+            _StageActor,
+            fn_constructor_kwargs={"names": names, "config_json": config_json},
+            batch_size=res.batch_size,
+            batch_format="pyarrow",
+            num_cpus=res.num_cpus,
+            # several batches per actor run in threads that share its engine (engine/backends/vllm_chat.py)
+            compute=ray.data.ActorPoolStrategy(
+                size=res.concurrency, max_concurrent_calls_per_actor=in_flight,
+                enable_true_multi_threading=in_flight > 1),
+            num_gpus=res.num_gpus or None,
+            resources=res.custom or None,
+            max_restarts=3,
+            max_task_retries=3,
+        )
+
+
 def build_dataset(
     units: list[Unit], config: PipelineConfig, sample_bytes: float | None = None, *, output: str, claims: Any,
     fingerprint: str | None = None,
@@ -222,20 +282,7 @@ def build_dataset(
             max_retries=-1,
         )
         for names in rest:  # each an actor pool: a model stage and the CPU stages joined to it
-            res: Resources = getattr(config.stages, names[0]).resources
-            # the defaults of max_restarts / max_task_retries (-1) would retry forever
-            ds = ds.map_batches(
-                _StageActor,
-                fn_constructor_kwargs={"names": names, "config_json": config_json},
-                batch_size=res.batch_size,
-                batch_format="pyarrow",
-                num_cpus=res.num_cpus,
-                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
-                num_gpus=res.num_gpus or None,
-                resources=res.custom or None,
-                max_restarts=3,
-                max_task_retries=3,
-            )
+            ds = map_stage_group(ds, names, config, config_json)
         expected = {u.index: (u.size, u.to_end) for u in units}
         ds = ds.map_batches(
             _write_units,

@@ -14,14 +14,16 @@ from engine.records import Record
 from engine.errors import RunError
 from engine.stages.base import Stage
 
-STAGE_ORDER = ("decode", "recaption", "extract", "ground", "filter")
-FUSED_ORDER = ("decode", "annotate", "ground", "filter")
-MODEL_STAGES = ("recaption", "extract", "annotate", "ground")
+STAGE_ORDER = ("decode", "recaption", "extract", "ground", "filter", "describe")
+FUSED_ORDER = ("decode", "annotate", "ground", "filter", "describe")
+MODEL_STAGES = ("recaption", "extract", "annotate", "ground", "describe")
 
 
 def stage_names(config: PipelineConfig) -> tuple[str, ...]:
-    """The stages a pipeline runs, in order: the fused annotator replaces recaption + extract."""
-    return FUSED_ORDER if config.stages.annotate is not None else STAGE_ORDER
+    """The stages a pipeline runs, in order: the fused annotator replaces recaption + extract; describe runs
+    only when configured."""
+    order = FUSED_ORDER if config.stages.annotate is not None else STAGE_ORDER
+    return tuple(name for name in order if name != "describe" or config.stages.describe is not None)
 
 
 def build_stage(name: str, config: PipelineConfig) -> Stage:
@@ -52,6 +54,11 @@ def build_stage(name: str, config: PipelineConfig) -> Stage:
         from engine.stages.filter import Filter
 
         return Filter(spec)
+    if name == "describe":
+        from engine.stages.describe import Describe
+
+        return Describe(spec, generic_prompts=config.stages.ground.generic_prompts,
+                        min_boxes=config.stages.filter.min_boxes, cache_dir=cache_dir)
     raise ValueError(f"unknown stage {name!r}")
 
 
@@ -94,3 +101,18 @@ def operators(config: PipelineConfig) -> list[tuple[str, ...]]:
         else:
             groups.append((name,))
     return groups
+
+
+# Stages whose actors may run several batches at once (threads sharing one engine): they keep no state per
+# batch outside the records, and their chat backend takes requests while others run.
+CONCURRENT_STAGES = ("recaption", "extract")
+
+
+def batches_in_flight(names: tuple[str, ...], config: PipelineConfig) -> int:
+    """Batches one actor of the operator `names` holds at once: `max_concurrent_batches` of the model stage's
+    backend options (vllm, openai) when no CPU stage is joined to it; 1 otherwise."""
+    if len(names) != 1 or names[0] not in CONCURRENT_STAGES:
+        return 1
+    spec = getattr(config.stages, names[0])
+    options = getattr(spec, spec.backend, None)  # the section named after the backend, when it has one
+    return int(getattr(options, "max_concurrent_batches", 1))

@@ -8,6 +8,7 @@ The `nltk` backend is GLIP's parser path: noun phrases + WordNet, no model at al
 from __future__ import annotations
 
 import json
+from concurrent.futures import FIRST_COMPLETED, wait
 
 from engine.backends.base import (
     BackendSpec,
@@ -16,6 +17,7 @@ from engine.backends.base import (
     ChatResult,
     chat_backend_options,
     make_chat_backend,
+    streams,
     usage_of,
 )
 from engine.config import ExtractSpec
@@ -96,50 +98,85 @@ class Extract(Stage):
             return
         assert self.backend is not None and self.entities is not None
         used: dict[int, list[ChatResult]] = {id(r): [] for r in records}  # per sample, for its usage
-        # (a) factual filter
-        if self.factual is not None:
-            results = self.backend.generate([self._request(self.factual, r.caption or "") for r in records])
-            for record, result in zip(records, results, strict=True):
-                used[id(record)].append(result)
-                if result.error:
-                    self._stamp_llm(record, used[id(record)])
-                    record.fail(self.name, "backend_error", result.error)
-                elif is_none_answer(result.text):
-                    record.factual_caption = None
-                else:
-                    record.factual_caption = result.text.strip() or None
-        else:
+        if self.factual is None:
             for record in records:
                 record.factual_caption = record.caption
-        # (b) entities from the factual caption; no factual content means no entities
-        todo = [r for r in records if r.ok and r.factual_caption]
-        results = self.backend.generate(
-            [self._request(self.entities, r.factual_caption or "", schema=self.schema) for r in todo]
-        )
-        for record, result in zip(todo, results, strict=True):
-            used[id(record)].append(result)
-            if result.error:
-                self._stamp_llm(record, used[id(record)])
-                record.fail(self.name, "backend_error", result.error)
-                continue
-            try:
-                record.entities = normalize_entities(
-                    parse_entities_json(result.text),
-                    max_entities=spec.max_entities,
-                    max_phrase_chars=spec.max_phrase_chars,
-                )
-                self._stamp_llm(record, used[id(record)])
-            except EntityFormatError as exc:
-                if spec.fallback == "nltk":
-                    record.entities = self._nltk_entities(record.factual_caption or "")
-                    self._stamp_llm(record, used[id(record)], note=f"+nltk fallback ({str(exc)[:80]})")
-                else:
-                    self._stamp_llm(record, used[id(record)])
-                    record.reject(self.name, "invalid_entities_json", str(exc))
-        for record in records:
+        if streams(self.backend):
+            self._chain(records, used)
+        else:
+            # (a) factual filter, then (b) entities from the factual caption, each one call over the batch
+            if self.factual is not None:
+                results = self.backend.generate([self._factual_request(r) for r in records])
+                for record, result in zip(records, results, strict=True):
+                    self._on_factual(record, result, used)
+            todo = [r for r in records if r.ok and r.factual_caption]
+            results = self.backend.generate([self._entities_request(r) for r in todo])
+            for record, result in zip(todo, results, strict=True):
+                self._on_entities(record, result, used)
+        for record in records:  # no factual content means no entities
             if record.ok and not record.factual_caption:
                 record.entities = []
                 self._stamp_llm(record, used[id(record)])
+
+    def _chain(self, records: list[Record], used: dict[int, list[ChatResult]]) -> None:
+        """Both prompts on a backend that takes requests while others run: a sample's entities request goes
+        out as soon as its factual answer is back, while the rest of the batch is still generating."""
+        assert self.backend is not None
+        submit = self.backend.submit  # type: ignore[attr-defined]
+        if self.factual is not None:
+            waiting = {submit(self._factual_request(r)): (r, True) for r in records}
+        else:
+            waiting = {submit(self._entities_request(r)): (r, False) for r in records if r.factual_caption}
+        while waiting:
+            done, _ = wait(waiting, return_when=FIRST_COMPLETED)
+            for future in done:
+                record, factual = waiting.pop(future)
+                result = future.result()  # raises only when the worker is lost
+                if not factual:
+                    self._on_entities(record, result, used)
+                elif self._on_factual(record, result, used):
+                    waiting[submit(self._entities_request(record))] = (record, False)
+
+    def _factual_request(self, record: Record) -> ChatRequest:
+        assert self.factual is not None
+        return self._request(self.factual, record.caption or "")
+
+    def _entities_request(self, record: Record) -> ChatRequest:
+        assert self.entities is not None
+        return self._request(self.entities, record.factual_caption or "", schema=self.schema)
+
+    def _on_factual(self, record: Record, result: ChatResult, used: dict[int, list[ChatResult]]) -> bool:
+        """Take a sample's factual-filter answer; whether its entities prompt is to be sent."""
+        used[id(record)].append(result)
+        if result.error:
+            self._stamp_llm(record, used[id(record)])
+            record.fail(self.name, "backend_error", result.error)
+            return False
+        record.factual_caption = None if is_none_answer(result.text) else (result.text.strip() or None)
+        return record.factual_caption is not None
+
+    def _on_entities(self, record: Record, result: ChatResult, used: dict[int, list[ChatResult]]) -> None:
+        """Take a sample's entities answer: validated entities, the offline fallback, or the sample's error."""
+        spec: ExtractSpec = self.spec
+        used[id(record)].append(result)
+        if result.error:
+            self._stamp_llm(record, used[id(record)])
+            record.fail(self.name, "backend_error", result.error)
+            return
+        try:
+            record.entities = normalize_entities(
+                parse_entities_json(result.text),
+                max_entities=spec.max_entities,
+                max_phrase_chars=spec.max_phrase_chars,
+            )
+            self._stamp_llm(record, used[id(record)])
+        except EntityFormatError as exc:
+            if spec.fallback == "nltk":
+                record.entities = self._nltk_entities(record.factual_caption or "")
+                self._stamp_llm(record, used[id(record)], note=f"+nltk fallback ({str(exc)[:80]})")
+            else:
+                self._stamp_llm(record, used[id(record)])
+                record.reject(self.name, "invalid_entities_json", str(exc))
 
     def _stamp_llm(self, record: Record, results: list[ChatResult], *, note: str = "") -> None:
         """One provenance entry per sample with its requests' usage; `note` says when the offline fallback

@@ -11,7 +11,8 @@ thresholds can be replayed without the teacher (`over_thresholds` + the filter's
 Optional: CLIP re-scoring of the kept boxes (engine/backends/clip_rescore.py; thresholds apply to the detector
 score before it, the filter's `min_score` to the score after it) and visual exemplars
 (engine/backends/owlv2_exemplars.py), whose boxes go to the first entity of the exemplar's category with
-`matched="exemplar"`. With `teachers`, each further teacher runs on the same prompts, its boxes pass the same
+`matched="exemplar"`. With `generic_prompts`, each sample's entities gain one entity per generic text
+("object"), which the describe stage names box by box. With `teachers`, each further teacher runs on the same prompts, its boxes pass the same
 thresholds, and the teachers' boxes of each entity are fused (`engine.boxes.fuse_teachers`): each kept box
 says which teachers found it.
 """
@@ -29,6 +30,7 @@ from engine.backends.base import BackendSpec, Detection, GroundingBackend, make_
 from engine.boxes import Boxes, fuse_teachers
 from engine.config import GroundSpec
 from engine.images import open_rgb
+from engine.language.entities import with_generic
 from engine.models.loading import is_dummy
 from engine.records import Record
 from engine.stages.base import Stage
@@ -116,7 +118,7 @@ class Ground(Stage):
 
     name = "ground"
     requires = ("image", "entities")
-    provides = ("boxes", "candidates")
+    provides = ("boxes", "candidates", "entities")  # entities: the generic prompts' added
 
     def __init__(self, spec: GroundSpec, *, cache_dir: str | None = None) -> None:
         super().__init__(spec)
@@ -139,6 +141,8 @@ class Ground(Stage):
         if spec.teachers:
             params.update(teachers=[spec.model, *spec.teachers], fusion_iou=spec.fusion_iou,
                           single_teacher_threshold=spec.single_teacher_threshold)
+        if spec.generic_prompts:
+            params["generic_prompts"] = spec.generic_prompts
         self._params = json.dumps(params, sort_keys=True)
         self._dummy = spec.dummy_weights or is_dummy(spec.model)
 
@@ -178,6 +182,8 @@ class Ground(Stage):
         todo, images, prompts, plans = [], [], [], []
         for record in records:
             record.boxes, record.candidates = [], []
+            if spec.generic_prompts:
+                record.entities = with_generic(record.entities, spec.generic_prompts)
             if not record.entities:
                 continue  # nothing to look for; the filter decides what that means for the sample
             plan = plan_prompts(record.entities, count_tokens=self.backend.count_tokens, max_tokens=limit)

