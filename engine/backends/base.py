@@ -124,23 +124,19 @@ def run_isolating_failures(
     run: Callable[[list[Any]], list[ChatResult]],
     *,
     what: str,
-    check: Callable[[Exception], None] | None = None,
 ) -> list[ChatResult]:
     """`run(items)` for the whole batch; when it raises, each item alone, so that one bad request (a prompt
-    over the context, an odd image) fails alone with its error. Infrastructure errors propagate; `check`
-    may turn a backend's own fatal errors into one first."""
+    over the context, an odd image) fails alone with its error. Infrastructure errors propagate."""
     try:
         return run(items)
     except Exception as exc:  # noqa: BLE001 - sorted below
-        if check is not None:
-            check(exc)
         if is_infrastructure_error(exc):
             raise
         if len(items) == 1:
             log.debug("%s request failed: %s", what, exc, exc_info=True)
             return [ChatResult(text="", error=f"{type(exc).__name__}: {exc}")]
         log.warning("%s batch of %d failed (%s); retrying one by one", what, len(items), exc)
-        return [run_isolating_failures([item], run, what=what, check=check)[0] for item in items]
+        return [run_isolating_failures([item], run, what=what)[0] for item in items]
 
 
 def chat_backend_options(spec: Any, cache_dir: str | None) -> dict[str, Any]:

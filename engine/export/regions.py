@@ -23,16 +23,11 @@ from engine.export.common import PartFile, assemble_json, image_boxes, iter_samp
 from engine.export.odvg import grounding_caption
 from engine.io.atomic import atomic_write_bytes
 from engine.io.storage import Location
+from engine.language.entities import entity_label
 from engine.prompts import load_prompt
 
 CONVERSATIONS = "regions.json"
 JSONL = "regions.odvg.jsonl"
-
-
-def region_label(entity: dict[str, Any]) -> str:
-    """`phrase|category|parent_category`, each field without a "|" of its own (it would split the label)."""
-    return "|".join(str(entity.get(k) or "").replace("|", "/").strip()
-                    for k in ("phrase", "category", "parent_category"))
 
 
 def thousandths(xyxy: list[float], width: int, height: int) -> list[int]:
@@ -58,7 +53,7 @@ def export_regions(run: Location, dest: Path, *, prompt: str = "region", write_i
                 filename = "images/" + sample.image_name()
                 if write_images:
                     write_image(dest, filename, sample.jpg)
-                labels = [region_label(record["entities"][e]) for e in boxes.entity.tolist()]
+                labels = [entity_label(record["entities"][e]) for e in boxes.entity.tolist()]
                 pixels = [[round(v, 2) for v in xyxy] for xyxy in boxes.xyxy.tolist()]
                 for n, (xyxy, label) in enumerate(zip(pixels, labels)):
                     box = thousandths(xyxy, record["width"], record["height"])

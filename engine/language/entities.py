@@ -221,6 +221,12 @@ def normalize_entities(
     return out
 
 
+def entity_label(entity: Mapping[str, Any]) -> str:
+    """`phrase|category|parent_category` (DetCLIPv3's object-captioner label), each field without a "|" of
+    its own (it would split the label)."""
+    return "|".join(str(entity.get(k) or "").replace("|", "/").strip() for k in FIELDS)
+
+
 # ------------------------------------------------------------------------------------------- generic prompts
 
 

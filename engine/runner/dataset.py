@@ -76,42 +76,39 @@ def _read_units(batch: pa.Table, *, names: tuple[str, ...], config_json: str) ->
             yield block(rows)
 
 
-def _chaos(name: str) -> None:
-    """Fault injection for the reliability tests: with GRANUCAP_CHAOS_KILL_ONCE=STAGE:PATH[:N] the first N
-    batches (default 1) that reach STAGE's actors kill their worker process (as a segfault or a lost node
-    would), once each: PATH (then PATH.2, ... PATH.N) records that it happened. Unset, this costs one
-    dictionary lookup per batch."""
-    spec = os.environ.get(CHAOS_ENV)
+def _chaos_due(env: str, name: str) -> bool:
+    """Fault injection: with `env`=STAGE:PATH[:N], whether this batch reaching stage `name` is one of the first
+    N (default 1) to do so, across processes: each claims a marker file (PATH, then PATH.2, ... PATH.N) that
+    records it happened. Unset, this costs one dictionary lookup per batch."""
+    spec = os.environ.get(env)
     if not spec:
-        return
+        return False
     stage, _, rest = spec.partition(":")
     path, _, times = rest.partition(":")
     if stage != name or not path:
-        return
+        return False
     for i in range(1, int(times or 1) + 1):
         try:
             fd = os.open(path if i == 1 else f"{path}.{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             continue
         os.close(fd)
+        return True
+    return False
+
+
+def _chaos(name: str) -> None:
+    """The reliability tests' actor crash (GRANUCAP_CHAOS_KILL_ONCE=STAGE:PATH[:N]): the batch kills its worker
+    process, as a segfault or a lost node would."""
+    if _chaos_due(CHAOS_ENV, name):
         os._exit(137)
 
 
 def _chaos_engine(name: str) -> None:
-    """Fault injection for the engine-death tests: with GRANUCAP_CHAOS_KILL_ENGINE_ONCE=STAGE:PATH the first
-    batch that reaches STAGE's actors kills the processes the actor started (vLLM's engine core), as a crash
-    of the engine would; PATH records that it happened. Unset, this costs one dictionary lookup per batch."""
-    spec = os.environ.get(CHAOS_ENGINE_ENV)
-    if not spec:
+    """The engine-death tests' fault (GRANUCAP_CHAOS_KILL_ENGINE_ONCE=STAGE:PATH[:N]): the batch kills the
+    processes the actor started (vLLM's engine core), as a crash of the engine would."""
+    if not _chaos_due(CHAOS_ENGINE_ENV, name):
         return
-    stage, _, path = spec.partition(":")
-    if stage != name or not path:
-        return
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
     import multiprocessing
     import signal
 

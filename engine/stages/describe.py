@@ -43,6 +43,7 @@ from engine.language.agreement import agrees
 from engine.language.entities import (
     ENTITY_JSON_SCHEMA,
     EntityFormatError,
+    entity_label,
     is_generic,
     normalize_entities,
     parse_entity_json,
@@ -62,10 +63,6 @@ def crop_box(image: Image.Image, xyxy: Any, context: float) -> Image.Image:
     right, bottom = min(image.width, int(np.ceil(x1 + dx))), min(image.height, int(np.ceil(y1 + dy)))
     right, bottom = max(right, min(left + 1, image.width)), max(bottom, min(top + 1, image.height))
     return image.crop((left, top, right, bottom))
-
-
-def label_of(entity: dict[str, str]) -> str:
-    return "|".join(entity[k] for k in ("phrase", "category", "parent_category"))
 
 
 class Describe(Stage):
@@ -148,7 +145,7 @@ class Describe(Stage):
                 counts["unnamed"] += 1
                 keep[j] = not generic or spec.keep_unnamed
                 continue
-            described[j] = label_of(named)
+            described[j] = entity_label(named)
             if generic:
                 key = (named["phrase"], named["category"])
                 if key not in index:
