@@ -323,6 +323,37 @@ def test_smoke_pipeline_runs_vllm_in_ray_actors(tmp_path, model_cache):
 
 
 @needs_vllm
+def test_an_engine_killed_during_its_steps_fails_every_request_with_worker_lost(model_cache):
+    """The engine-core process is killed while the loop steps the engine through long answers: every request
+    in flight, and every later one, fails with WorkerLost, soon (vLLM's client never answers the step it
+    was waiting on, so the loop alone would wait forever)."""
+    import multiprocessing
+    import signal
+
+    from engine.backends.vllm_chat import VllmChat
+    from engine.errors import WorkerLost
+
+    before = set(multiprocessing.active_children())
+    chat = VllmChat(BackendSpec(model="tiny:llama-chat-bpe", options={**ENGINE.model_dump(), "cache_dir": model_cache}))
+    engine_core = [p for p in multiprocessing.active_children() if p not in before]
+    assert engine_core
+    try:
+        long = [chat.submit(_user(c, max_tokens=1500)) for c in CAPTIONS]
+        # answered only after steps of the engine, which go on for the long answers
+        assert chat.generate([_user(CAPTIONS[0], max_tokens=1)])[0].completion_tokens == 1
+        assert not any(f.done() for f in long)
+        for process in engine_core:
+            os.kill(process.pid, signal.SIGKILL)
+        for future in long:
+            with pytest.raises(WorkerLost, match="engine"):
+                future.result(timeout=60)
+        with pytest.raises(WorkerLost):
+            chat.generate([_user(CAPTIONS[1], max_tokens=1)])
+    finally:
+        chat.close()
+
+
+@needs_vllm
 def test_an_engine_that_dies_restarts_its_actor_and_its_batches_are_redone_once(tmp_path, model_cache):
     """Batches of 2, three in flight per actor; extract's engine core is killed (SIGKILL) as the first batch
     reaches it. The actor exits, Ray starts a fresh one (a fresh engine), the batches it held are redone:

