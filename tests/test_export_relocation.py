@@ -1,12 +1,14 @@
 """Every export travels: made with the CLI, copied elsewhere, the original deleted, the copy loads in its consumer.
 
-Consumers read the copy with their own code where it installs here: pycocotools, supervision and
-label-studio-sdk (its LabelInterface checks the labelling config, the tasks and the predictions). Ultralytics
-(its install replaces the CPU torch with a CUDA build and torchvision, which does not import beside it) and
-FiftyOne (it brings a MongoDB server and dozens of packages) are not installed: their rules for finding a
-dataset's files are followed here as their source states them (Ultralytics 8.4 `check_det_dataset`,
-`find_dataset_yaml`, `img2label_paths`; FiftyOne 1.22 `YOLOv5DatasetImporter.setup`,
-`COCODetectionDatasetImporter.setup`; Label Studio's `localfiles_data` view for `/data/local-files/?d=`).
+Consumers read the copy with their own code where it is in the main environment: pycocotools, supervision
+and label-studio-sdk (its LabelInterface checks the labelling config, the tasks and the predictions).
+Ultralytics (it needs torchvision, which imports beside the CPU torch only when patched) and FiftyOne (dozens
+of packages, and a database that cannot be installed here) are not in it: their rules for finding a dataset's
+files are followed here as their source states them (Ultralytics 8.4 `check_det_dataset`, `find_dataset_yaml`,
+`img2label_paths`; FiftyOne 1.22 `YOLOv5DatasetImporter.setup`, `COCODetectionDatasetImporter.setup`; Label
+Studio's `localfiles_data` view for `/data/local-files/?d=`), so the main suite checks the layouts without them.
+tests/test_export_consumers.py runs Ultralytics and FiftyOne themselves on copied yolo and coco exports, in the
+consumers environment that CI builds (`GRANUCAP_CONSUMERS=1 bash install.sh`, .venv-consumers).
 """
 
 from __future__ import annotations
