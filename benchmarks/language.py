@@ -97,8 +97,6 @@ def through_stage(stage, records: list, batch: int, in_flight: int = 1) -> list:
 
 def bench_recaption(records: list, args, cache_dir: str) -> dict:
     from engine.config import RecaptionSpec, VllmOptions
-    from engine.prompts import load_prompt
-    from engine.images import open_rgb
     from engine.stages.recaption import Recaption
 
     spec = RecaptionSpec(backend="vllm", model=args.vlm, max_tokens=args.recaption_tokens, image_max_side=64,
@@ -108,18 +106,11 @@ def bench_recaption(records: list, args, cache_dir: str) -> dict:
     llm = stage.backend.llm
     import vllm
 
-    system, prompt = load_prompt("system"), load_prompt(spec.prompt)
+    prompts = Prompts(spec)
 
     def raw() -> tuple[list[str], int]:
-        conversations = []
-        for r in records:
-            image = open_rgb(r.image)
-            image.thumbnail((spec.image_max_side, spec.image_max_side))
-            conversations.append([
-                {"role": "system", "content": system.template},
-                {"role": "user", "content": [{"type": "image_pil", "image_pil": image},
-                                             {"type": "text", "text": prompt.render(caption=r.raw_caption or "")}]},
-            ])
+        conversations = [prompts.messages(prompts.recaption, r.raw_caption or "", thumbnail(r.image, spec))
+                         for r in records]
         params = vllm.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0)
         outputs = llm.chat(conversations, sampling_params=params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -144,9 +135,7 @@ def _tokens(records: list, stage: str) -> int:
 
 def bench_extract(records: list, args, cache_dir: str) -> dict:
     from engine.config import ExtractSpec, VllmOptions
-    from engine.language.entities import (EntityFormatError, bounded_entities_schema, normalize_entities,
-                                          parse_entities_json)
-    from engine.prompts import load_prompt
+    from engine.language.entities import EntityFormatError, normalize_entities, parse_entities_json
     from engine.stages.extract import Extract
 
     spec = ExtractSpec(backend="vllm", model=args.llm, max_tokens=args.extract_tokens,
@@ -161,12 +150,8 @@ def bench_extract(records: list, args, cache_dir: str) -> dict:
     import vllm
     from vllm.sampling_params import StructuredOutputsParams
 
-    system, entities = load_prompt("system"), load_prompt(spec.entities_prompt)
-    factual = load_prompt(spec.factual_prompt) if spec.factual_prompt else None
-    schema = bounded_entities_schema(max_entities=spec.max_entities, max_chars=spec.max_phrase_chars)
-
-    def conv(p, text):
-        return [{"role": "system", "content": system.template}, {"role": "user", "content": p.render(caption=text)}]
+    prompts = Prompts(spec)
+    factual, conv = prompts.factual, prompts.messages
 
     def raw() -> tuple[list, int]:
         texts = [r.caption or "" for r in records]
@@ -177,8 +162,8 @@ def bench_extract(records: list, args, cache_dir: str) -> dict:
             texts = [o.outputs[0].text.strip() for o in outs]
             tokens += sum(len(o.outputs[0].token_ids) for o in outs)
         params = vllm.SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, structured_outputs=(
-            StructuredOutputsParams(json=schema, disable_any_whitespace=True)))
-        outs = llm.chat([conv(entities, t) for t in texts], sampling_params=params, use_tqdm=False)
+            StructuredOutputsParams(json=prompts.schema, disable_any_whitespace=True)))
+        outs = llm.chat([conv(prompts.entities, t) for t in texts], sampling_params=params, use_tqdm=False)
         tokens += sum(len(o.outputs[0].token_ids) for o in outs)
         answers = []
         for text, o in zip(texts, outs, strict=True):
