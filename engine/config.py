@@ -62,8 +62,9 @@ class OpenAIOptions(_Strict):
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key; never the key
     server: Literal["openai", "vllm", "other"] = "openai"  # vllm: also send vLLM's structured_outputs
     max_concurrency: int = Field(8, ge=1)  # requests in flight per stage worker
-    # Ray Data batches one stage actor holds at once, sharing its `max_concurrency` connections
-    max_concurrent_batches: int = Field(4, ge=1)
+    # batches (of resources.batch_size) one stage actor holds at once, sharing its `max_concurrency` connections;
+    # None: enough to keep them all busy and one batch more, whatever the batch size
+    max_concurrent_batches: int | None = Field(4, ge=1)
     timeout_s: float = Field(60.0, gt=0)  # per HTTP attempt
     max_retries: int = Field(5, ge=0)  # retries after the first attempt (engine/retry.py says which errors)
     backoff_base_s: float = Field(0.5, ge=0)  # first backoff ceiling; doubles per retry, full jitter
@@ -81,9 +82,13 @@ class VllmOptions(_Strict):
     # xgrammar let raw control characters into length-bounded strings (ENVIRONMENT.md); guidance did not.
     structured_outputs_backend: Literal["guidance", "xgrammar", "outlines", "auto"] = "guidance"
     cpu_kv_cache_gb: int | None = Field(None, ge=1)  # CPU only: VLLM_CPU_KVCACHE_SPACE; None: vLLM's default
-    # Ray Data batches one stage actor holds at once (threads sharing its engine): the next batch's requests
-    # join while the current batch's longest answers finish (engine/backends/vllm_chat.py).
-    max_concurrent_batches: int = Field(4, ge=1)
+    # sequences the engine runs at once (vLLM's max_num_seqs); None: vLLM's default for the device
+    max_num_seqs: int | None = Field(None, ge=1)
+    # batches (of resources.batch_size) one stage actor holds at once (threads sharing its engine): the next
+    # batch's requests join while the current batch's longest answers finish (engine/backends/vllm_chat.py).
+    # None: enough to fill the engine (its max_num_seqs sequences) and one batch more, whatever the batch size
+    # (not the default: on CPU it made recaption slower, docs/performance.md).
+    max_concurrent_batches: int | None = Field(4, ge=1)
 
 
 class RecaptionSpec(_Strict):

@@ -22,7 +22,7 @@ from engine.prompts import load_prompt
 _OPERATIONAL = {
     "resources", "device", "max_concurrency", "timeout_s", "max_retries", "backoff_base_s", "backoff_max_s",
     "api_key_env", "base_url", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
-    "cpu_kv_cache_gb", "forward_batch_size", "batch_size", "max_concurrent_batches",
+    "cpu_kv_cache_gb", "forward_batch_size", "batch_size", "max_concurrent_batches", "max_num_seqs",
 }
 # Top-level sections and fields of the same kind
 _OPERATIONAL_TOP = {"name", "description", "cache_dir", "ray", "storage_options"}

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 REPO = Path(__file__).resolve().parents[1]
 
 # Small KV cache and context: the tiny models need little, and CI machines have 2 cores and ~24 GB.
-ENGINE = VllmOptions(enforce_eager=True, max_model_len=2048, cpu_kv_cache_gb=1)
+ENGINE = VllmOptions(enforce_eager=True, max_model_len=2048, cpu_kv_cache_gb=1, max_num_seqs=24)
 
 CAPTIONS = [
     "a tabby cat sleeping on a red sofa next to a tv remote control",
@@ -179,6 +179,13 @@ def test_a_bad_request_fails_alone(llama):
 
 
 # -- several batches in flight (a stage actor's threads share one engine) -------------------------------
+
+
+@needs_vllm
+def test_the_engine_runs_the_sequences_configured_and_says_so(llama):
+    """`vllm.max_num_seqs` reaches the engine, and the backend reports what the engine runs at once: a stage
+    actor with `max_concurrent_batches: null` holds as many batches as fill that (engine/runner/dataset.py)."""
+    assert llama.capacity == 24
 
 
 @needs_vllm

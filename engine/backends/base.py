@@ -66,6 +66,11 @@ class StreamingChatBackend(ChatBackend, Protocol):
 
     def submit(self, request: ChatRequest) -> Future[ChatResult]: ...
 
+    @property
+    def capacity(self) -> int:
+        """Requests it runs at once (an engine's sequences, or connections); more wait their turn."""
+        ...
+
 
 def streams(backend: Any) -> bool:
     """Whether `backend` takes requests one at a time while others run (`StreamingChatBackend`)."""

@@ -114,6 +114,11 @@ class OpenAIChat:
 
     # -- public -----------------------------------------------------------------------------------------
 
+    @property
+    def capacity(self) -> int:
+        """Requests in flight at once (`max_concurrency`)."""
+        return self.options.max_concurrency
+
     def submit(self, request: ChatRequest) -> Future[ChatResult]:
         """Send one request (from any thread): it waits for one of the backend's `max_concurrency`
         connections, shared by every batch this worker holds, so requests stream across batch boundaries."""

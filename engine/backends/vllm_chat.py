@@ -2,7 +2,7 @@
 
 The engine is driven by one thread (`_EngineLoop`): callers on any thread `submit` requests
 (each with its own `SamplingParams`), the loop adds them between engine steps and resolves each request's
-future when its answer is finished. So the actor can hold several Ray Data batches at once (`VllmOptions.
+future when its answer is finished. So the actor can hold several batches at once (`VllmOptions.
 max_concurrent_batches`, threads of the actor) and the next batch's requests join vLLM's continuous batching
 while the current batch's longest answers are still generating, instead of the engine draining to a handful
 of sequences at the end of every batch; and the extract stage sends a sample's entities prompt as soon as its
@@ -96,6 +96,8 @@ class VllmChat:
             kwargs["gpu_memory_utilization"] = self.options.gpu_memory_utilization
         if self.options.max_model_len is not None:
             kwargs["max_model_len"] = self.options.max_model_len
+        if self.options.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.options.max_num_seqs
         if self._is_vlm:
             kwargs["limit_mm_per_prompt"] = {"image": 1}  # requests carry at most one image
         started = time.monotonic()
@@ -109,6 +111,11 @@ class VllmChat:
         self._loop = _EngineLoop(self.llm, [p for p in multiprocessing.active_children() if p not in before])
         log.info("vLLM engine for %s (vlm=%s, %s) ready in %.1f s", self.model_id, self._is_vlm,
                  current_platform.device_name, time.monotonic() - started)
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine runs at once (vLLM's `max_num_seqs`, as the engine resolved it for its device)."""
+        return int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
     @property
     def is_vlm(self) -> bool:

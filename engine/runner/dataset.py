@@ -40,11 +40,15 @@ from engine.io.storage import Location
 from engine.records import Record, from_table, to_table
 from engine.errors import RunError, WorkerLost
 from engine.runner.sizing import data_memory_budget
-from engine.runner.stages import batches_in_flight, build_stage, operators
+from engine.runner.stages import batches_in_flight, batches_to_fill, build_stage, operators
 
 CHAOS_ENV = "GRANUCAP_CHAOS_KILL_ONCE"
 CHAOS_ENGINE_ENV = "GRANUCAP_CHAOS_KILL_ENGINE_ONCE"
 WORKER_LOST_EXIT = 70  # the exit status of a stage actor whose engine died
+# Units one stage actor holds when its batches in flight fill its engine (`max_concurrent_batches: null`): the
+# current unit, and the next ones queued behind it so that the engine stays full across units; more than two
+# so that units smaller than the engine (the ends of input files) still fill it.
+UNITS_PER_FILLED_ACTOR = 4
 
 REPORT_SCHEMA = pa.schema([
     ("unit", pa.int64()),
@@ -150,21 +154,29 @@ class _StageActor:
 
 
 class _ConcurrentStageActor(_StageActor):
-    """A stage actor that holds `in_flight` batches at once, on threads sharing its engine (`batches_in_flight`).
+    """A stage actor that runs `in_flight` batches at once, on threads sharing its engine (`batches_in_flight`).
 
-    Its `__call__` is a coroutine because that is what makes Ray Data run several batches of the same block at
-    once: for a plain function it calls the batches of a block one after another, and a unit travels as one
-    block (module docstring), so a unit of 1,000 samples at batch 16 would have held one batch at a time, its
-    tail draining the engine before the next. Ray Data caps the batches of one block at once (4 by default);
-    the actor's concurrent calls (`max_concurrent_calls_per_actor`) overlap blocks beyond that, and the pool
-    of `in_flight` threads bounds what runs in all."""
+    It takes whole blocks and cuts them into batches of `batch_size` itself. A unit travels as one block (module
+    docstring), and Ray Data, left to cut it, runs a block's batches one after another (for a coroutine
+    `__call__`, at most four at once: a default with no public setting), so `max_concurrent_batches` would not
+    hold within a unit, and a unit at batch 16 would keep at most 64 requests in the engine. Each block the
+    actor holds (`max_concurrent_calls_per_actor`) queues its batches on one pool of `in_flight` threads, first
+    come first served, so the next unit's batches are waiting when the current unit's last ones drain, and a
+    block's rows come back whole and in order."""
 
-    def __init__(self, *, names: tuple[str, ...], config_json: str, in_flight: int) -> None:
+    def __init__(self, *, names: tuple[str, ...], config_json: str, in_flight: int | None, batch_size: int) -> None:
         super().__init__(names=names, config_json=config_json)
-        self.pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix=f"granucap-{names[0]}")
+        self.batch_size = batch_size
+        # None: as many as fill this actor's engine, known once it has started
+        self.in_flight = in_flight or batches_to_fill(self.stages[0].backend.capacity, batch_size)
+        self.pool = ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix=f"granucap-{names[0]}")
 
     async def __call__(self, table: pa.Table) -> pa.Table:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.run, table)
+        size = self.batch_size
+        batches = [table.slice(start, size) for start in range(0, table.num_rows, size)] or [table]
+        loop = asyncio.get_running_loop()
+        done = await asyncio.gather(*(loop.run_in_executor(self.pool, self.run, batch) for batch in batches))
+        return pa.concat_tables(done) if len(done) > 1 else done[0]
 
 
 class _KeyClaimsActor:
@@ -240,15 +252,20 @@ def map_stage_group(ds: Any, names: tuple[str, ...], config: PipelineConfig, con
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")  # see build_dataset
         res: Resources = getattr(config.stages, names[0]).resources
         in_flight = batches_in_flight(names, config)
-        actor, kwargs = ((_ConcurrentStageActor, {"in_flight": in_flight}) if in_flight > 1 else (_StageActor, {}))
+        if in_flight is None or in_flight > 1:  # whole blocks to the actor, which cuts its batches (see the class)
+            actor, kwargs, batch_size = (_ConcurrentStageActor, {"in_flight": in_flight,
+                                                                 "batch_size": res.batch_size}, None)
+        else:
+            actor, kwargs, batch_size = _StageActor, {}, res.batch_size
         return ds.map_batches(
             actor,
             fn_constructor_kwargs={"names": names, "config_json": config_json, **kwargs},
-            batch_size=res.batch_size,
+            batch_size=batch_size,
             batch_format="pyarrow",
             num_cpus=res.num_cpus,
-            # several batches per actor run in threads that share its engine (engine/backends/vllm_chat.py)
-            compute=ray.data.ActorPoolStrategy(size=res.concurrency, max_concurrent_calls_per_actor=in_flight),
+            # several blocks per actor, their batches on threads that share its engine (vllm_chat.py)
+            compute=ray.data.ActorPoolStrategy(size=res.concurrency,
+                                               max_concurrent_calls_per_actor=in_flight or UNITS_PER_FILLED_ACTOR),
             num_gpus=res.num_gpus or None,
             resources=res.custom or None,
             # the defaults of max_restarts / max_task_retries (-1) would retry forever

@@ -108,11 +108,18 @@ def operators(config: PipelineConfig) -> list[tuple[str, ...]]:
 CONCURRENT_STAGES = ("recaption", "extract")
 
 
-def batches_in_flight(names: tuple[str, ...], config: PipelineConfig) -> int:
+def batches_in_flight(names: tuple[str, ...], config: PipelineConfig) -> int | None:
     """Batches one actor of the operator `names` holds at once: `max_concurrent_batches` of the model stage's
-    backend options (vllm, openai) when no CPU stage is joined to it; 1 otherwise."""
+    backend options (vllm, openai) when no CPU stage is joined to it; 1 otherwise. None: as many as fill the
+    actor's engine, which only the actor knows (`batches_to_fill`)."""
     if len(names) != 1 or names[0] not in CONCURRENT_STAGES:
         return 1
     spec = getattr(config.stages, names[0])
     options = getattr(spec, spec.backend, None)  # the section named after the backend, when it has one
-    return int(getattr(options, "max_concurrent_batches", 1))
+    return getattr(options, "max_concurrent_batches", 1)
+
+
+def batches_to_fill(capacity: int, batch_size: int) -> int:
+    """Batches in flight that keep an engine running `capacity` requests at once full: its capacity in
+    batches, and one more whose requests are queued to join as the current ones finish."""
+    return -(-capacity // batch_size) + 1
