@@ -381,7 +381,7 @@ def side_ray_data_llm(spec, records: list, path: str, unit: int) -> dict:
     def processor(preprocess, postprocess, multimodal: bool = False):
         config = vLLMEngineProcessorConfig(
             model_source=model, engine_kwargs=kwargs, batch_size=spec.resources.batch_size, concurrency=1,
-            # granucap's default (None: as many as fill the engine) has no counterpart there: its own default
+            # granucap's `null` (as many as fill the engine) has no counterpart there: its own default instead
             **({"max_concurrent_batches": spec.vllm.max_concurrent_batches}
                if spec.vllm.max_concurrent_batches else {}),
             placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False,
