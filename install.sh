@@ -17,13 +17,14 @@ say() { echo "[install] $*" >&2; }
 
 # torchvision from PyPI is a CUDA build: beside the CPU torch its compiled ops are missing, and its import fails
 # where it registers fake kernels for them ("operator torchvision::nms does not exist"). Guard each registration
-# so that torchvision imports without its compiled ops: its Python code works, torchvision.ops (NMS) does not.
+# on the op being there (torch.ops' public lookup) so that torchvision imports without its compiled ops: its
+# Python code works, torchvision.ops (NMS) does not.
 # Idempotent: a patched line no longer matches.
 patch_torchvision() {
   local tv_meta
   tv_meta="$("$PY" -c "import importlib.util as u, os; s = u.find_spec('torchvision'); print(os.path.join(os.path.dirname(s.origin), '_meta_registrations.py') if s else '')")"
   if [ -n "$tv_meta" ] && [ -f "$tv_meta" ]; then
-    sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda fn: fn))  # granucap install.sh/' "$tv_meta"
+    sed -i -E 's/^@torch\.library\.register_fake\("torchvision::([a-z_]+)"\)$/@(torch.library.register_fake("torchvision::\1") if hasattr(torch.ops.torchvision, "\1") else (lambda fn: fn))  # granucap install.sh/' "$tv_meta"
   fi
 }
 
