@@ -54,6 +54,17 @@ def caption_for(rng: random.Random, objects: list[tuple[str, str, list[int]]]) -
     return f"{text.capitalize()} on a textured background. {rng.choice(NOISE)}"
 
 
+def add_pair(tar: tarfile.TarFile, key: str, image: bytes, caption: str, meta: dict | None = None) -> None:
+    """One image-text pair into an open tar as img2dataset lays it out: `key.jpg`, `key.txt` (the caption)
+    and `key.json` (the caption, the key and `meta`)."""
+    meta = {"caption": caption, **(meta or {}), "key": key}
+    for name, payload in ((f"{key}.jpg", image), (f"{key}.txt", caption.encode()),
+                          (f"{key}.json", json.dumps(meta).encode())):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+
 def write_demo_input(dest: str | Path, *, samples: int = 24, per_tar: int = 12, seed: int = 0) -> list[Path]:
     """Write `samples` pairs as tars of `per_tar` into `dest`, and their boxes as `dest/annotations.json`; the
     third sample's image is broken on purpose (it stays in the annotations: a run rejects it)."""
@@ -80,15 +91,7 @@ def write_demo_input(dest: str | Path, *, samples: int = 24, per_tar: int = 12, 
                     coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1,
                                                 "category_id": category[shape], "bbox": [x0, y0, x1 - x0, y1 - y0],
                                                 "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-                meta = {"caption": caption, "url": f"https://example.com/{key}.jpg", "key": key}
-                for name, payload in (
-                    (f"{key}.jpg", data),
-                    (f"{key}.txt", caption.encode()),
-                    (f"{key}.json", json.dumps(meta).encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+                add_pair(tar, key, data, caption, {"url": f"https://example.com/{key}.jpg"})
         paths.append(path)
     (dest / "annotations.json").write_text(json.dumps(coco))
     return paths
