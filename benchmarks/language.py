@@ -30,7 +30,7 @@ before the clock). Those fixed costs differ between the sides (Ray Data actors i
 extra stages), so each side also runs over the first `--base` samples, and the comparison that matters is
 the time beyond that run: what the other samples cost, fixed costs cancelled. Every run is the fastest of
 `--repeat` (noise on a shared machine only adds time, and a difference of two single runs carries both runs'
-noise). `--raw-in-ray` adds the raw script run in a Ray worker: what being inside Ray costs by itself. Greedy
+noise). `--raw-in-ray` adds the raw script run in a Ray actor: what being inside Ray costs by itself. Greedy
 decoding: the script checks that every side gives the raw answers.
 
     .venv-vllm/bin/python benchmarks/language.py --pipelines --samples 512 --batches 16 64 256 --repeat 2
@@ -38,8 +38,10 @@ decoding: the script checks that every side gives the raw answers.
 
 `--through-run` times the stage through the whole `granucap run` CLI instead (the input as a raw dump: read,
 decode, the stage, a tiny Grounding DINO teacher, filter, write), against the same run with the stage's CPU
-stand-in (recaption: passthrough; extract: NLTK): what the stage adds to the run, against `ray.data.llm`'s
-pipeline at the same batch and the raw script, each from nothing:
+stand-in (recaption: passthrough over a dump whose captions are the vLLM run's recaptions, so that the
+stages after it do the same work; extract: NLTK, capped at the same entities; the teacher gets one generic
+prompt on every photo in both runs, so that it makes the same forward passes): what the stage adds to the
+run, against `ray.data.llm`'s pipeline at the same batch and the raw script, each from nothing:
 
     .venv-vllm/bin/python benchmarks/language.py --pipelines --through-run --samples 512 --batches 16 64 256
 
@@ -447,6 +449,13 @@ def side_ray_data_llm(spec, records: list, path: str, unit: int) -> dict:
     return {"seconds": done - started, "answers": [r["answer"] for r in rows], "tokens": [r["tokens"] for r in rows]}
 
 
+class RawInActor:
+    """`--raw-in-ray`: the raw side in a Ray actor."""
+
+    def run(self, spec, records: list, path: str) -> dict:
+        return side_raw(spec, records, path)
+
+
 def run_side(args) -> None:
     """One side in this process; prints its result as one JSON line for the parent."""
     from engine.models.loading import resolve_model
@@ -457,11 +466,14 @@ def run_side(args) -> None:
     if args.side == "raw":
         result = side_raw(spec, records, path)
     elif args.side == "raw-in-ray":
-        # the raw script in a Ray worker with the stage actor's CPUs: what running inside Ray costs by itself
+        # The raw script in a Ray actor with the stage actor's CPUs: what running inside Ray costs by itself.
+        # An actor, as the stage runs in: vLLM then spawns its engine-core process instead of forking it (it
+        # must, in a Ray actor), and the new process imports torch and vLLM again.
         import ray
 
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-        result = ray.get(ray.remote(num_cpus=1)(side_raw).remote(spec, records, path))
+        actor = ray.remote(num_cpus=1)(RawInActor).remote()
+        result = ray.get(actor.run.remote(spec, records, path))
     else:
         import ray
 
@@ -509,9 +521,9 @@ def same_answer(spec, ours, raw) -> bool:
     return (spec.factual_prompt is None or ours[0] == (factual or None)) and ours[1] == expected
 
 
-def write_dump(inputs: str, dest: Path) -> None:
+def write_dump(inputs: str, dest: Path, captions: dict[str, str] | None = None) -> None:
     """The benchmark's inputs as a raw dump in img2dataset layout (one tar: photo, caption, metadata per
-    sample), for `granucap run` to read and decode itself."""
+    sample), for `granucap run` to read and decode itself; `captions` (by key) in place of theirs."""
     import tarfile
 
     from engine.demo import add_pair
@@ -519,26 +531,36 @@ def write_dump(inputs: str, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(dest / "00000.tar", "w") as tar:
         for r in load_inputs(inputs, None):
-            add_pair(tar, r.key, r.image, r.raw_caption or "")
+            add_pair(tar, r.key, r.image, (captions or {}).get(r.key, r.raw_caption or ""))
 
 
-def through_run(spec, args, dump: Path, cache: str, out: Path, *, stand_in: bool) -> float:
+def through_run(spec, args, dump: Path, cache: str, out: Path, *, stand_in: bool) -> tuple[float, float, Path]:
     """Seconds of `granucap run` (the CLI, from its start to its exit) over the dump with the stage on vLLM,
     or, `stand_in`, with the stage's CPU stand-in instead (recaption: passthrough; extract: NLTK); every other
-    stage the same (decode, a tiny Grounding DINO teacher, filter, write, units of `--unit`)."""
+    stage the same (decode, a tiny Grounding DINO teacher, filter, write, units of `--unit`). With them, the
+    entities per sample the run wrote (the teacher's work grows with them, so two runs are comparable only
+    while they are alike) and where it wrote."""
     import subprocess
     import sys
+
+    import pyarrow.parquet as pq
 
     from engine.models.loading import resolve_model
 
     stage = stage_of(spec)
     model_stage = spec.model_copy(update={"model": resolve_model(spec.model, cache)}).model_dump()
-    cpu = {"recaption": {"backend": "passthrough"}, "extract": {"backend": "nltk"}}
+    # NLTK, as the stand-in or after recaption, bounded as the LLM's entities are: uncapped it finds many more
+    # on long captions, and each one is more text for the teacher, which is not the stage's cost.
+    cpu = {"recaption": {"backend": "passthrough"},
+           "extract": {"backend": "nltk", "max_entities": args.max_entities, "max_phrase_chars": args.max_phrase_chars}}
     config = {"name": "bench-language-run", "seed": 0, "cache_dir": cache,
               "stages": {"decode": {"max_side": 320, "resources": {"batch_size": 64, "concurrency": 1,
                                                                    "num_cpus": 0.25}},
                          **cpu, stage: cpu[stage] if stand_in else model_stage,
+                         # One generic prompt on every sample: the teacher then makes one forward pass per photo
+                         # in both runs, whatever entities the stage found (a random-weight LLM finds none).
                          "ground": {"model": "tiny:grounding-dino", "box_threshold": 0.05, "text_threshold": 0.05,
+                                    "generic_prompts": ["object"],
                                     "resources": {"batch_size": 16, "concurrency": 1, "num_cpus": 0.25}},
                          "filter": {"min_boxes": 0, "min_entities": 0}},
               "write": {"shard_size": args.unit}, "ray": {"num_cpus": 8}}
@@ -550,41 +572,60 @@ def through_run(spec, args, dump: Path, cache: str, out: Path, *, stand_in: bool
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"granucap run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return seconds
+    index = pq.read_table([str(p) for p in sorted(out.rglob("*.parquet"))], columns=["entities"]).column("entities")
+    return seconds, sum(len(e) for e in index.to_pylist()) / len(index), out
 
 
 def through_runs(args, spec, inputs: Path, cache: str, tmp: Path, best) -> None:
     """`--through-run`: the stage through the whole `granucap run` CLI at each of `--batches`, against the same
     run with the stage's CPU stand-in, against `ray.data.llm`'s pipeline at the same batch and against the raw
     script, each from nothing and the fastest of `--repeat`. What the stage adds to the run (the run less the
-    stand-in's run) is what the user pays for it; the other two sides are that stage alone."""
+    stand-in's run) is what the user pays for it; the other two sides are that stage alone.
+
+    Recaption's stand-in runs over a dump whose captions are the vLLM run's recaptions, so that the stages
+    after it (NLTK, the teacher, write) get the same text in both runs: over the demo's short captions they
+    would do less work, and the difference would count as the stage's."""
+    import pyarrow.parquet as pq
+
     raw = best("raw", 1)
     dump = tmp / "dump"
     write_dump(str(inputs), dump)
 
-    def run(batch: int, stand_in: bool) -> float:
-        return min(through_run(pipeline_spec(args, batch), args, dump, cache, tmp / f"run-{batch}-{stand_in}-{i}",
+    def run(batch: int, stand_in: bool, over: Path = dump) -> tuple[float, float, Path]:
+        return min(through_run(pipeline_spec(args, batch), args, over, cache, tmp / f"run-{batch}-{stand_in}-{i}",
                                stand_in=stand_in) for i in range(args.repeat))
 
-    stand_in = run(args.batches[0], True)
+    def stand_in_over(out: Path) -> tuple[float, float, Path]:
+        over = dump
+        if args.stage == "recaption":
+            index = pq.read_table([str(p) for p in sorted(out.rglob("*.parquet"))], columns=["key", "caption"])
+            over = tmp / "dump-recaptioned"
+            write_dump(str(inputs), over, dict(zip(index.column("key").to_pylist(),
+                                                   index.column("caption").to_pylist(), strict=True)))
+        return run(args.batches[0], True, over)
+
     rows = []
     for batch in args.batches:
-        seconds = run(batch, False)
+        seconds, entities, out = run(batch, False)
+        if not rows:
+            stand_in, stand_in_entities, _ = stand_in_over(out)
+            print(f"stand-in: {stand_in:.1f} s, {stand_in_entities:.2f} entities per sample", flush=True)
         theirs = None if args.no_ray_data_llm else best("ray.data.llm", batch)["seconds"]
-        rows.append((batch, seconds, theirs))
-        print(f"batch {batch}: run {seconds:.1f} s" + (f", ray.data.llm {theirs:.1f} s" if theirs else ""), flush=True)
-    what = "passthrough" if args.stage == "recaption" else "NLTK"
+        rows.append((batch, seconds, entities, theirs))
+        print(f"batch {batch}: run {seconds:.1f} s, {entities:.2f} entities per sample"
+              + (f", ray.data.llm {theirs:.1f} s" if theirs else ""), flush=True)
+    what = "passthrough over the recaptions" if args.stage == "recaption" else "NLTK"
     print(f"{args.stage} through `granucap run` (decode, the stage, a tiny Grounding DINO teacher, filter, write; "
           f"{args.samples} samples in units of {args.unit}; batches in flight {args.in_flight or 'fill'}; best of "
           f"{args.repeat}): the run with the stage on vLLM against the same run with its CPU stand-in ({what}: "
-          f"{stand_in:.1f} s); what the stage adds to the run, from nothing, against ray.data.llm's pipeline at the "
+          f"{stand_in:.1f} s, {stand_in_entities:.2f} entities per sample); what the stage adds to the run, from nothing, against ray.data.llm's pipeline at the "
           f"same batch and the raw script ({raw['seconds']:.1f} s, {raw['engine_start']:.1f} s of it the engine "
           f"start), each from nothing")
-    print(f"{'batch':>6}{'run s':>8}{'adds s':>8}{'ray.data.llm s':>16}{'vs ray':>8}{'vs raw':>8}")
-    for batch, seconds, theirs in rows:
+    print(f"{'batch':>6}{'run s':>8}{'entities':>10}{'adds s':>8}{'ray.data.llm s':>16}{'vs ray':>8}{'vs raw':>8}")
+    for batch, seconds, entities, theirs in rows:
         adds = seconds - stand_in
         ray_cols = f"{theirs:>16.1f}{adds / theirs:>7.2f}x" if theirs else f"{'-':>16}{'-':>8}"
-        print(f"{batch:>6}{seconds:>8.1f}{adds:>8.1f}{ray_cols}{adds / raw['seconds']:>7.2f}x")
+        print(f"{batch:>6}{seconds:>8.1f}{entities:>10.2f}{adds:>8.1f}{ray_cols}{adds / raw['seconds']:>7.2f}x")
     print("targets: granucap <= 1.0x ray.data.llm at every batch, <= 1.10x raw at batch 16")
 
 
@@ -627,7 +668,7 @@ def bench_pipelines(args) -> None:
         raw = best("raw", 1)  # (the raw side has no batches)
         if args.raw_in_ray:
             in_ray = best("raw-in-ray", 1)["seconds"]
-            print(f"raw: {raw['seconds']:.1f} s by itself, {in_ray:.1f} s in a Ray worker "
+            print(f"raw: {raw['seconds']:.1f} s by itself, {in_ray:.1f} s in a Ray actor "
                   f"({in_ray / raw['seconds']:.2f}x)", flush=True)
         rows = []
         for batch in args.batches:
@@ -838,7 +879,7 @@ def main() -> None:
     parser.add_argument("--through-run", action="store_true",
                         help="with --pipelines: time the stage through the `granucap run` CLI instead (see through_run)")
     parser.add_argument("--raw-in-ray", action="store_true",
-                        help="with --pipelines: also the raw script in a Ray worker (what Ray costs by itself)")
+                        help="with --pipelines: also the raw script in a Ray actor (what Ray costs by itself)")
     parser.add_argument("--openai", action="store_true",
                         help="the openai backend against vllm serve vs a plain asyncio client (see bench_openai)")
     parser.add_argument("--concurrency", type=int, default=16, help="with --openai: requests in flight")
