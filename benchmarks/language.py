@@ -97,10 +97,11 @@ def through_stage(stage, records: list, batch: int, in_flight: int | None = 1) -
     """The records through the stage in batches of `batch`, `in_flight` of them at once on threads sharing
     the stage (as a stage actor with `max_concurrent_batches` runs them; None: as many as fill its engine,
     as the actor resolves it); results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from engine.runner.stages import batches_to_fill
 
     in_flight = in_flight or batches_to_fill(stage.backend.capacity, batch)
-    from concurrent.futures import ThreadPoolExecutor
 
     batches = [[r.copy() for r in records[i : i + batch]] for i in range(0, len(records), batch)]
     with ThreadPoolExecutor(max_workers=in_flight) as pool:
@@ -535,6 +536,15 @@ def write_dump(inputs: str, dest: Path, captions: dict[str, str] | None = None) 
             add_pair(tar, r.key, r.image, (captions or {}).get(r.key, r.raw_caption or ""))
 
 
+def run_index(out: Path, columns: list[str]):
+    """A finished run's index (every complete unit's part), `columns` only, read as granucap's readers do."""
+    import pyarrow as pa
+
+    from engine.io.shard_reader import complete_unit_ids, read_index
+
+    return pa.concat_tables(read_index(out, unit, columns) for unit in complete_unit_ids(out))
+
+
 def through_run(spec, args, dump: Path, cache: str, out: Path, *, stand_in: bool) -> tuple[float, float, Path]:
     """Seconds of `granucap run` (the CLI, from its start to its exit) over the dump with the stage on vLLM,
     or, `stand_in`, with the stage's CPU stand-in instead (recaption: passthrough; extract: NLTK); every other
@@ -543,8 +553,6 @@ def through_run(spec, args, dump: Path, cache: str, out: Path, *, stand_in: bool
     while they are alike) and where it wrote."""
     import subprocess
     import sys
-
-    import pyarrow.parquet as pq
 
     from engine.models.loading import resolve_model
 
@@ -573,7 +581,7 @@ def through_run(spec, args, dump: Path, cache: str, out: Path, *, stand_in: bool
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"granucap run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    index = pq.read_table([str(p) for p in sorted(out.rglob("*.parquet"))], columns=["entities"]).column("entities")
+    index = run_index(out, ["entities"]).column("entities")
     return seconds, sum(len(e) for e in index.to_pylist()) / len(index), out
 
 
@@ -586,8 +594,6 @@ def through_runs(args, spec, inputs: Path, cache: str, tmp: Path, best) -> None:
     Recaption's stand-in runs over a dump whose captions are the vLLM run's recaptions, so that the stages
     after it (NLTK, the teacher, write) get the same text in both runs: over the demo's short captions they
     would do less work, and the difference would count as the stage's."""
-    import pyarrow.parquet as pq
-
     raw = best("raw", 1)
     dump = tmp / "dump"
     write_dump(str(inputs), dump)
@@ -599,7 +605,7 @@ def through_runs(args, spec, inputs: Path, cache: str, tmp: Path, best) -> None:
     def stand_in_over(out: Path) -> tuple[float, float, Path]:
         over = dump
         if args.stage == "recaption":
-            index = pq.read_table([str(p) for p in sorted(out.rglob("*.parquet"))], columns=["key", "caption"])
+            index = run_index(out, ["key", "caption"])
             over = tmp / "dump-recaptioned"
             write_dump(str(inputs), over, dict(zip(index.column("key").to_pylist(),
                                                    index.column("caption").to_pylist(), strict=True)))
@@ -619,9 +625,9 @@ def through_runs(args, spec, inputs: Path, cache: str, tmp: Path, best) -> None:
     print(f"{args.stage} through `granucap run` (decode, the stage, a tiny Grounding DINO teacher, filter, write; "
           f"{args.samples} samples in units of {args.unit}; batches in flight {args.in_flight or 'fill'}; best of "
           f"{args.repeat}): the run with the stage on vLLM against the same run with its CPU stand-in ({what}: "
-          f"{stand_in:.1f} s, {stand_in_entities:.2f} entities per sample); what the stage adds to the run, from nothing, against ray.data.llm's pipeline at the "
-          f"same batch and the raw script ({raw['seconds']:.1f} s, {raw['engine_start']:.1f} s of it the engine "
-          f"start), each from nothing")
+          f"{stand_in:.1f} s, {stand_in_entities:.2f} entities per sample); what the stage adds to the run, from "
+          f"nothing, against ray.data.llm's pipeline at the same batch and the raw script ({raw['seconds']:.1f} s, "
+          f"{raw['engine_start']:.1f} s of it the engine start), each from nothing")
     print(f"{'batch':>6}{'run s':>8}{'entities':>10}{'adds s':>8}{'ray.data.llm s':>16}{'vs ray':>8}{'vs raw':>8}")
     for batch, seconds, entities, theirs in rows:
         adds = seconds - stand_in
