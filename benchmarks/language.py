@@ -10,6 +10,9 @@ Run by hand in the vLLM environment (`GRANUCAP_VLLM=1 bash install.sh`, or CI's 
 
     .venv-vllm/bin/python benchmarks/language.py --samples 64 --batch 64     # tiny random-weight models, CPU
 
+`--steps` also counts each side's engine steps and the requests the engine held after each: with the same
+tokens generated, that is where a difference in time comes from.
+
 `--pipelines` times whole pipelines instead, each side in a fresh process with one engine replica of the same
 model and engine arguments, at each of `--batches`, for one `--stage`: `entities` (extract's entities prompt
 alone: the schema bounds the entity count and phrase lengths, the model picks them, so answers vary in
@@ -55,6 +58,7 @@ run, against `ray.data.llm`'s pipeline at the same batch and the raw script, eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -80,17 +84,51 @@ def make_records(samples: int, tmp: Path) -> list:
     return [r for r in decoded if r.ok]
 
 
-def alternate(raw, ours, repeat: int):
+class StepCounter:
+    """`--steps`: counts the engine's steps while installed, and the requests unfinished after each (how full
+    the engine ran). Two sides that generate the same tokens differ in time by how many steps they take and
+    how much each step holds, so this says why one side is slower."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.steps, self.unfinished = engine, 0, 0
+
+    def __enter__(self) -> "StepCounter":
+        step = self.engine.step
+
+        def counted():
+            outputs = step()
+            self.steps += 1
+            self.unfinished += self.engine.get_num_unfinished_requests()
+            return outputs
+
+        self.engine.step = counted  # both sides drive the engine through its public `step`
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.engine.step  # the class's own method again
+
+    def __str__(self) -> str:
+        return f"{self.steps} steps, {self.unfinished / max(self.steps, 1):.0f} requests unfinished per step"
+
+
+def alternate(raw, ours, repeat: int, engine=None):
     """Best of `repeat` timings of each side, the two sides taking turns (so that drift on a shared machine
-    hits both alike): (raw seconds, raw result, granucap seconds, granucap result)."""
+    hits both alike): (raw seconds, raw result, granucap seconds, granucap result, {side: its fastest run's
+    StepCounter}, the last empty without `engine`)."""
     best = {"raw": float("inf"), "ours": float("inf")}
-    out = {}
+    out, steps = {}, {}
     for _ in range(repeat):
         for side, fn in (("raw", raw), ("ours", ours)):
+            counter = StepCounter(engine) if engine is not None else None
             start = time.perf_counter()
-            out[side] = fn()
-            best[side] = min(best[side], time.perf_counter() - start)
-    return best["raw"], out["raw"], best["ours"], out["ours"]
+            with counter or contextlib.nullcontext():
+                out[side] = fn()
+            seconds = time.perf_counter() - start
+            if seconds < best[side]:
+                best[side] = seconds
+                if counter is not None:
+                    steps[side] = counter
+    return best["raw"], out["raw"], best["ours"], out["ours"], steps
 
 
 def through_stage(stage, records: list, batch: int, in_flight: int | None = 1) -> list:
@@ -131,13 +169,14 @@ def bench_recaption(records: list, args, cache_dir: str) -> dict:
         outputs = llm.chat(conversations, sampling_params=params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs)
 
-    raw_s, (raw_text, raw_tokens), ours_s, ours = alternate(
-        raw, lambda: through_stage(stage, records, args.batch, args.in_flight), args.repeat)
+    raw_s, (raw_text, raw_tokens), ours_s, ours, steps = alternate(
+        raw, lambda: through_stage(stage, records, args.batch, args.in_flight), args.repeat,
+        llm.llm_engine if args.steps else None)
     same = sum(o.caption == t for o, t in zip(ours, raw_text) if o.ok)
     stage.backend.close()
     return {"stage": f"recaption ({args.vlm})", "raw": raw_s, "ours": ours_s, "samples": len(records),
             "same": same, "ok": sum(r.ok for r in ours), "tokens": _tokens(ours, "recaption"),
-            "raw_tokens": raw_tokens}
+            "raw_tokens": raw_tokens, "steps": steps}
 
 
 def _tokens(records: list, stage: str) -> int:
@@ -190,8 +229,9 @@ def bench_extract(records: list, args, cache_dir: str) -> dict:
             answers.append((text, o.outputs[0].text, entities_json))
         return answers, tokens
 
-    raw_s, (raw_answers, raw_tokens), ours_s, ours = alternate(
-        raw, lambda: through_stage(stage, records, args.batch, args.in_flight), args.repeat)
+    raw_s, (raw_answers, raw_tokens), ours_s, ours, steps = alternate(
+        raw, lambda: through_stage(stage, records, args.batch, args.in_flight), args.repeat,
+        llm.llm_engine if args.steps else None)
     # Same generations: the same factual text, and the entities granucap kept are the raw answer's after
     # granucap's validation (or both sides have none: unparseable, or rejected by the schema bounds).
     same = 0
@@ -206,7 +246,7 @@ def bench_extract(records: list, args, cache_dir: str) -> dict:
     stage.backend.close()
     return {"stage": f"extract ({args.llm}, {'2 prompts' if factual else 'entities prompt'})", "raw": raw_s,
             "ours": ours_s, "samples": len(records), "same": same, "ok": sum(r.ok for r in ours),
-            "tokens": _tokens(ours, "extract"), "raw_tokens": raw_tokens}
+            "tokens": _tokens(ours, "extract"), "raw_tokens": raw_tokens, "steps": steps}
 
 
 # -- whole pipelines: granucap's Ray Data operator vs ray.data.llm vs one raw LLM.chat -----------------------
@@ -868,6 +908,8 @@ def main() -> None:
     parser.add_argument("--factual", action=argparse.BooleanOptionalAction, default=True,
                         help="run the factual-filter prompt before the entities prompt (DetCLIPv3's two calls)")
     parser.add_argument("--only", choices=["recaption", "extract"])
+    parser.add_argument("--steps", action="store_true",
+                        help="in process: also count each side's engine steps and how full they ran")
     parser.add_argument("--pipelines", action="store_true",
                         help="granucap's Ray Data stage vs ray.data.llm vs one raw LLM.chat (see the docstring)")
     parser.add_argument("--stage", choices=["entities", "extract", "recaption"], default="entities",
@@ -928,6 +970,10 @@ def main() -> None:
               f"{str(row['raw_tokens']) + '/' + str(row['tokens']):>17}{str(row['same']) + '/' + str(row['samples']):>6}")
     print("ratio = granucap seconds / raw vLLM seconds (target <= 1.10x); same = samples whose granucap output "
           "equals the raw script's")
+    for row in rows:
+        if row["steps"]:
+            print(f"engine steps, {row['stage']} (fastest run of each side): raw {row['steps']['raw']}; "
+                  f"granucap {row['steps']['ours']}")
 
 
 if __name__ == "__main__":
